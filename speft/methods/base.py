@@ -1,0 +1,86 @@
+"""Methods: how a pretrained model is made trainable (sparse delta now; LoRA, PiSSA, full later)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from speft.models.loading import head_parameters
+
+
+@dataclass
+class MethodConfig:
+    name: str = "???"  # the option's name, the same as its YAML file
+    targets: str = "attention"  # target preset of the model family (see speft/models/families.py)
+    target_regex: Optional[list[str]] = None  # module-name regexes; override `targets` when set
+    train_head: bool = True  # train the task head too (its parameters are counted apart)
+
+
+@dataclass
+class PrepareContext:
+    """What a method needs to turn the loaded model into a trainable one."""
+
+    model: nn.Module
+    targets: dict[str, nn.Linear]
+    family: str
+    budget: int  # trainable entries in the target modules
+    metric: Any  # SalienceMetric
+    mask: Any  # MaskSchedule
+    score_batches: Callable[[], Iterable[dict]]
+    num_score_examples: int
+    seed: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Prepared:
+    """A trainable model: its optimizer parameter groups and a summary of what trains."""
+
+    param_groups: list[dict]
+    trainable: dict[str, int]  # e.g. {"sparse": 147456, "head": 770}
+    mask: dict[str, dict[str, int]] = field(default_factory=dict)  # module -> {"selected", "total"}
+
+
+class Method:
+    def __init__(self, cfg: MethodConfig) -> None:
+        self.cfg = cfg
+
+    def prepare(self, ctx: PrepareContext, lr: float, head_lr: float) -> Prepared:
+        raise NotImplementedError
+
+    def head_group(self, ctx: PrepareContext, head_lr: float) -> tuple[list[dict], int]:
+        """Freeze or unfreeze the task head; its optimizer group (if trained) and parameter count."""
+        params = list(head_parameters(ctx.model, ctx.family).values())
+        for p in params:
+            p.requires_grad_(self.cfg.train_head)
+        if not self.cfg.train_head or not params:
+            return [], 0
+        return [{"params": params, "lr": head_lr, "name": "head"}], sum(p.numel() for p in params)
+
+
+def freeze_all(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def timed(timings: dict[str, float], key: str):
+    import time
+    from contextlib import contextmanager
+
+    @contextmanager
+    def _cm():
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+
+    return _cm()
+
+
+def count(params: Iterable[torch.Tensor]) -> int:
+    return sum(p.numel() for p in params)

@@ -1,0 +1,48 @@
+"""``sparse``: train a salience-selected sparse delta on the target weights (SPEFT)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from speft.config import check_positive
+from speft.methods.base import Method, MethodConfig, PrepareContext, Prepared, freeze_all, timed
+from speft.registry import register
+from speft.salience.base import ScoreContext
+from speft.sparse.layer import inject
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SparseMethodConfig(MethodConfig):
+    name: str = "sparse"
+    scaling: float = 1.0  # α in W0 + α·Δ, as in the reference implementation
+
+    def __post_init__(self) -> None:
+        check_positive(self, "method", "scaling")
+
+
+@register("method", "sparse", schema=SparseMethodConfig)
+class Sparse(Method):
+    def prepare(self, ctx: PrepareContext, lr: float, head_lr: float) -> Prepared:
+        with timed(ctx.timings, "scoring"):
+            scores = ctx.metric.score(ScoreContext(ctx.model, ctx.targets, ctx.score_batches,
+                                                   ctx.num_score_examples, ctx.seed))
+        with timed(ctx.timings, "selection"):
+            indices = ctx.mask.select(scores, ctx.budget)
+        del scores
+        freeze_all(ctx.model)
+        layers = inject(ctx.model, indices, self.cfg.scaling)
+        values = [layer.values for layer in layers.values()]
+        for v in values:
+            v.requires_grad_(True)
+        head_groups, n_head = self.head_group(ctx, head_lr)
+        mask = {n: {"selected": layer.values.numel(), "total": layer.weight.numel()} for n, layer in layers.items()}
+        n_sparse = sum(v.numel() for v in values)
+        log.info("sparse: %d entries in %d modules, head %d", n_sparse, len(layers), n_head)
+        return Prepared(
+            param_groups=[{"params": values, "lr": lr, "name": "sparse"}, *head_groups],
+            trainable={"sparse": n_sparse, "head": n_head},
+            mask=mask,
+        )

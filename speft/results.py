@@ -1,0 +1,138 @@
+"""``results.json``: one file per run, written atomically, holding everything needed to trust it.
+
+Keys: ``status`` ("completed" | "failed"), ``error``, ``config`` (resolved), ``metrics``,
+``history`` (validation and training curves), ``trainable_params``, ``trainable`` (by part),
+``total_params``, ``density``, ``budget``, ``mask`` (per module: selected and total entries),
+``timings`` (seconds), ``peak_memory_mb``, ``versions``, ``git_sha``, ``git_dirty``, ``seed``,
+``started_at``, ``finished_at``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import traceback
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from speft.config import PROJECT_ROOT
+
+RESULTS_FILE = "results.json"
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=_jsonable)
+            f.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _jsonable(obj):
+    if isinstance(obj, (Path,)):
+        return str(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def completed_result(run_dir: Path) -> bool:
+    path = Path(run_dir) / RESULTS_FILE
+    try:
+        return json.loads(path.read_text()).get("status") == "completed"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("speft", "torch", "transformers", "hydra-core", "omegaconf", "wandb", "safetensors", "numpy"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    out["cuda"] = torch.version.cuda
+    return out
+
+
+def git_state() -> tuple[str | None, bool | None]:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+
+    try:
+        sha = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        return sha, dirty
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def peak_memory_mb() -> dict[str, float]:
+    """Peak resident memory of this process, and peak CUDA memory allocated when on a GPU."""
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"rss": round(rss_kb / 1024 if sys.platform != "darwin" else rss_kb / 2**20, 1)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda_allocated"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class RunRecord:
+    """Collects a run's results; writes ``results.json`` once, completed or failed."""
+
+    def __init__(self, run_dir: Path, config: dict, seed: int) -> None:
+        self.path = Path(run_dir) / RESULTS_FILE
+        sha, dirty = git_state()
+        self.data: dict = {
+            "status": "running",
+            "error": None,
+            "config": config,
+            "metrics": {},
+            "history": [],
+            "trainable_params": None,
+            "trainable": {},
+            "total_params": None,
+            "density": None,
+            "budget": None,
+            "mask": {},
+            "timings": {},
+            "peak_memory_mb": None,
+            "versions": versions(),
+            "git_sha": sha,
+            "git_dirty": dirty,
+            "seed": seed,
+            "started_at": now(),
+            "finished_at": None,
+        }
+
+    def update(self, **values) -> None:
+        self.data.update(values)
+
+    def finish(self, status: str, error: BaseException | None = None) -> dict:
+        self.data["status"] = status
+        if error is not None:
+            self.data["error"] = {"type": type(error).__name__, "message": str(error),
+                                  "traceback": traceback.format_exception(error)}
+        self.data["peak_memory_mb"] = peak_memory_mb()
+        self.data["finished_at"] = now()
+        write_json_atomic(self.path, self.data)
+        return self.data

@@ -1,0 +1,111 @@
+"""The training loop: AdamW, a transformers schedule, gradient accumulation and clipping,
+periodic validation, a progress bar, and mask-schedule hooks after every optimizer step."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from speft.config import TrainerConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: float = 0.0
+    history: list[dict] = field(default_factory=list)
+    mask_updates: list[dict] = field(default_factory=list)
+
+
+def total_steps(cfg: TrainerConfig, batches_per_epoch: int, cap: int | None) -> int:
+    steps = cfg.max_steps or math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum_steps)
+    return max(1, min(steps, cap) if cap else steps)
+
+
+def move(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    for batch in loader:
+        batch = move(batch, device)
+        labels.append(batch.pop("labels").cpu())
+        logits.append(model(**batch).logits.float().cpu())
+    model.train(was_training)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def train(
+    model: nn.Module,
+    param_groups: list[dict],
+    loader: DataLoader,
+    cfg: TrainerConfig,
+    device: torch.device,
+    max_steps_cap: int | None,
+    on_log: Callable[[dict, int], None],
+    validate: Callable[[int], dict] | None = None,
+    mask_schedule=None,
+) -> TrainState:
+    from transformers import get_scheduler
+
+    steps = total_steps(cfg, len(loader), max_steps_cap)
+    params = [p for g in param_groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=round(cfg.warmup_ratio * steps),
+                              num_training_steps=steps)
+    state = TrainState()
+    eval_every = cfg.eval_every_steps or max(1, len(loader) // cfg.grad_accum_steps)
+    model.train()
+    bar = tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True)
+    running, n_running, t0 = 0.0, 0, time.perf_counter()
+    micro = 0
+    while state.step < steps:
+        for batch in loader:
+            loss = model(**move(batch, device)).loss
+            (loss / cfg.grad_accum_steps).backward()
+            running += loss.item()
+            n_running += 1
+            micro += 1
+            if micro % cfg.grad_accum_steps:
+                continue
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.epoch = micro / len(loader)
+            if mask_schedule is not None:
+                record = mask_schedule.on_step_end(state.step, state)
+                if record:
+                    state.mask_updates.append(record)
+            bar.update(1)
+            if state.step % cfg.log_every_steps == 0 or state.step == steps:
+                record = {"train/loss": running / n_running, "train/lr": scheduler.get_last_lr()[0],
+                          "train/epoch": state.epoch,
+                          "train/steps_per_s": cfg.log_every_steps / max(time.perf_counter() - t0, 1e-9)}
+                bar.set_postfix(loss=f"{record['train/loss']:.4f}")
+                on_log(record, state.step)
+                running, n_running, t0 = 0.0, 0, time.perf_counter()
+            if validate is not None and (state.step % eval_every == 0 or state.step == steps):
+                metrics = validate(state.step)
+                state.history.append({"step": state.step, "epoch": round(state.epoch, 4), **metrics})
+                on_log(metrics, state.step)
+            if state.step >= steps:
+                break
+    bar.close()
+    return state

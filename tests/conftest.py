@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from torch import nn
+
+import speft.components  # noqa: F401
+import speft.config  # noqa: F401
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+
+
+def compose_cfg(*overrides: str):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.fixture
+def compose_config():
+    return compose_cfg
+
+
+class TinyClassifier(nn.Module):
+    """Embedding -> two linear layers -> classifier, with an HF-style ``(**batch) -> .loss`` API."""
+
+    def __init__(self, vocab: int = 50, dim: int = 8, labels: int = 3, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb = nn.Embedding(vocab, dim)
+        self.q = nn.Linear(dim, 12)
+        self.o = nn.Linear(12, dim)
+        self.classifier = nn.Linear(dim, labels)
+
+    def forward(self, input_ids, attention_mask, labels=None):
+        h = self.emb(input_ids)
+        h = self.o(torch.tanh(self.q(h)))
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        logits = self.classifier((h * m).sum(1) / m.sum(1))
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+
+        class Out:
+            pass
+
+        out = Out()
+        out.loss, out.logits = loss, logits
+        return out
+
+
+def tiny_batches(n: int = 10, seq: int = 6, batch: int = 4, vocab: int = 50, labels: int = 3, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (n, seq), generator=g)
+    mask = torch.ones(n, seq, dtype=torch.long)
+    lengths = torch.randint(2, seq + 1, (n,), generator=g)
+    for i, length in enumerate(lengths):
+        mask[i, length:] = 0
+    y = torch.randint(0, labels, (n,), generator=g)
+    return [{"input_ids": ids[i : i + batch], "attention_mask": mask[i : i + batch], "labels": y[i : i + batch]}
+            for i in range(0, n, batch)]
+
+
+@pytest.fixture
+def tiny():
+    model = TinyClassifier()
+    return model, {"q": model.q, "o": model.o}, tiny_batches()

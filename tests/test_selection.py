@@ -1,0 +1,72 @@
+"""Exact top-k: equal to concatenate-and-sort with the documented tie rule, exactly k entries."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from speft.masks.selection import SELECTIONS, local_counts, select_global, select_local
+
+
+def brute_force_global(scores: dict[str, torch.Tensor], k: int) -> dict[str, list[int]]:
+    """Concatenate, stable-sort by (-score, module order, index), take k."""
+    flat = torch.cat([s.flatten().double() for s in scores.values()])
+    order = sorted(range(len(flat)), key=lambda i: (-flat[i].item(), i))[:k]
+    chosen, out, offset = set(order), {}, 0
+    for name, s in scores.items():
+        out[name] = sorted(i - offset for i in chosen if offset <= i < offset + s.numel())
+        offset += s.numel()
+    return out
+
+
+def make_scores(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "a": torch.randn(30, 20, generator=g),
+        "b": torch.randn(10, 5, generator=g).round(),  # many ties
+        "c": torch.tensor([[-0.0, 0.0], [float("inf"), -float("inf")]]),
+        "d": torch.full((3, 3), 0.5),  # all tied
+    }
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("k", [1, 7, 100, 333, 600, 663])
+def test_global_equals_brute_force(seed, k):
+    scores = make_scores(seed)
+    got = select_global(scores, k)
+    assert sum(len(v) for v in got.values()) == k
+    assert {n: v.tolist() for n, v in got.items()} == brute_force_global(scores, k)
+
+
+@pytest.mark.parametrize("k", [1, 24, 250, 663])
+def test_local_keeps_each_modules_top_entries(k):
+    scores = make_scores(3)
+    got = select_local(scores, k)
+    counts = local_counts({n: s.numel() for n, s in scores.items()}, k)
+    assert sum(len(v) for v in got.values()) == k
+    for name, s in scores.items():
+        assert len(got[name]) == counts[name]
+        assert got[name].tolist() == brute_force_global({name: s}, counts[name])[name]
+
+
+def test_local_counts_are_proportional_and_exact():
+    counts = local_counts({"a": 100, "b": 300, "c": 600}, 10)
+    assert counts == {"a": 1, "b": 3, "c": 6}
+    counts = local_counts({"a": 1, "b": 1, "c": 1}, 2)
+    assert sum(counts.values()) == 2 and max(counts.values()) == 1
+
+
+@pytest.mark.parametrize("name", sorted(SELECTIONS))
+def test_every_selection_is_exact_sorted_unique_and_deterministic(name):
+    g = torch.Generator().manual_seed(0)
+    scores = {f"m{i}": torch.rand(16, 8, generator=g).to(torch.bfloat16).float() for i in range(4)}
+    a, b = SELECTIONS[name](scores, 77), SELECTIONS[name](scores, 77)
+    assert sum(len(v) for v in a.values()) == 77
+    for n in scores:
+        assert torch.equal(a[n], b[n])
+        assert torch.equal(a[n], torch.unique(a[n]))  # sorted, no repeats
+
+
+def test_nan_scores_are_rejected():
+    with pytest.raises(ValueError, match="NaN"):
+        select_global({"a": torch.tensor([1.0, float("nan")])}, 1)
