@@ -74,13 +74,13 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", sweep_dir: str | 
     try:
         logger.start(config, run_dir, run_name, sweep_dir)
         metrics, model = _execute(spec, task, metric, mask, method, logger, record, timings, k, shapes)
-        timings["total"] = time.perf_counter() - t_start
+        timings["total_s"] = time.perf_counter() - t_start
         record.update(timings={k: round(v, 3) for k, v in timings.items()})
         data = record.finish("completed")
         logger.finish(data)
         return RunResult(metrics=metrics, results=data, model=model)
     except BaseException as e:  # record the failure, then let it propagate
-        timings["total"] = time.perf_counter() - t_start
+        timings["total_s"] = time.perf_counter() - t_start
         record.update(timings={k: round(v, 3) for k, v in timings.items()})
         data = record.finish("failed", e)
         try:
@@ -106,12 +106,12 @@ def _execute(spec: Spec, task, metric, mask, method, logger, record: RunRecord, 
     set_seed(spec.seed)
     device = device_for(tcfg.device)
 
-    with timed(timings, "data"):
+    with timed(timings, "data_s"):
         splits = task.splits(max_train=dbg.max_train_examples, max_eval=dbg.max_eval_examples)
-    with timed(timings, "model_load"):
+    with timed(timings, "model_load_s"):
         tokenizer = load_tokenizer(spec.model)
         model = load_model(spec.model, task.head, task.num_labels).to(device)
-    with timed(timings, "data"):
+    with timed(timings, "data_s"):
         encoded = {name: task.encode(tokenizer, rows, spec.model.max_length) for name, rows in splits.items()}
     collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
     targets = find_targets(model, spec.model.family, spec.method.targets, spec.method.target_regex)
@@ -151,7 +151,7 @@ def _execute(spec: Spec, task, metric, mask, method, logger, record: RunRecord, 
     train_loader = train_dataloader(encoded["train"], tcfg, collate, spec.seed)
 
     def evaluate(split: str) -> dict[str, float]:
-        with timed(timings, "evaluation"):
+        with timed(timings, "evaluation_s"):
             logits, labels = predict(model, loaders[split], device)
             return {f"{split}/{k}": v for k, v in task.compute_metrics(logits, labels).items()}
 
@@ -159,7 +159,7 @@ def _execute(spec: Spec, task, metric, mask, method, logger, record: RunRecord, 
     t0 = time.perf_counter()
     state = train(model, prepared.param_groups, train_loader, tcfg, device, dbg.max_train_steps,
                   on_log=logger.log, validate=validate_fn, mask_schedule=mask)
-    timings["training"] = time.perf_counter() - t0 - timings.get("evaluation", 0.0)
+    timings["training_s"] = time.perf_counter() - t0 - timings.get("evaluation_s", 0.0)
 
     metrics = dict(state.history[-1]) if state.history else {}
     metrics.pop("step", None), metrics.pop("epoch", None)

@@ -32,7 +32,7 @@ def test_fast_run_writes_a_complete_results_file(fast_run):
     assert KEYS <= set(data) and data["status"] == "completed" and data["error"] is None
     assert 0.0 <= data["metrics"]["test/accuracy"] <= 1.0 and "validation/accuracy" in data["metrics"]
     assert data["config"]["metric"]["name"] == "grad" and data["config"]["density"] == "lora:8"
-    assert {"scoring", "selection", "training", "evaluation", "total"} <= set(data["timings"])
+    assert {"scoring_s", "selection_s", "training_s", "evaluation_s", "total_s"} <= set(data["timings"])
     assert data["versions"]["torch"] == torch.__version__ and data["peak_memory_mb"]["rss"] > 0
     assert data["train_steps"] == 5 and data["num_score_examples"] == 32
 

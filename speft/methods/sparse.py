@@ -26,10 +26,10 @@ class SparseMethodConfig(MethodConfig):
 @register("method", "sparse", schema=SparseMethodConfig)
 class Sparse(Method):
     def prepare(self, ctx: PrepareContext, lr: float, head_lr: float) -> Prepared:
-        with timed(ctx.timings, "scoring"):
+        with timed(ctx.timings, "scoring_s"):
             scores = ctx.metric.score(ScoreContext(ctx.model, ctx.targets, ctx.score_batches,
                                                    ctx.num_score_examples, ctx.seed))
-        with timed(ctx.timings, "selection"):
+        with timed(ctx.timings, "selection_s"):
             indices = ctx.mask.select(scores, ctx.budget)
         del scores
         freeze_all(ctx.model)
