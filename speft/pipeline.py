@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -17,9 +18,13 @@ from torch.utils.data import DataLoader
 
 from speft import registry
 from speft.config import Spec, min_set, validate
+from speft.masks.base import MaskRuntime
 from speft.methods.base import PrepareContext, count, timed
 from speft.models.loading import build_meta_model, find_targets, load_model, load_tokenizer, target_shapes
 from speft.results import RunRecord
+from speft.salience.base import ScoreContext
+from speft.sparse.io import save_adapter
+from speft.sparse.layer import sparse_layers
 from speft.train.loop import move, predict, train
 
 log = logging.getLogger(__name__)
@@ -32,7 +37,7 @@ def build(spec: Spec):
 
 def plan(spec: Spec, task) -> tuple[dict[str, tuple[int, int]], int]:
     """Target shapes and the exact number of trainable entries, from the model's structure alone."""
-    meta = build_meta_model(spec.model, task.head, task.num_labels)
+    meta = build_meta_model(spec.model, task.head, task.num_labels, spec.paths.resolve("cache_dir"))
     shapes = target_shapes(find_targets(meta, spec.model.family, spec.method.targets, spec.method.target_regex))
     return shapes, spec.budget.resolve(shapes)
 
@@ -40,6 +45,14 @@ def plan(spec: Spec, task) -> tuple[dict[str, tuple[int, int]], int]:
 def plan_spec(spec: Spec) -> tuple[dict[str, tuple[int, int]], int]:
     task_cls = registry.get("task", spec.task.name).obj
     return plan(spec, task_cls(spec.task, spec.paths.resolve("data_dir")))
+
+
+def example_stream(rows: list[dict], seed: int) -> Iterator[dict]:
+    """Endless seeded reshuffles of ``rows``."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        for i in torch.randperm(len(rows), generator=g).tolist():
+            yield rows[i]
 
 
 def train_dataloader(rows: list[dict], tcfg, collate, seed: int) -> DataLoader:
@@ -109,8 +122,8 @@ def _execute(spec: Spec, task, metric, mask, method, logger, record: RunRecord, 
     with timed(timings, "data_s"):
         splits = task.splits(max_train=dbg.max_train_examples, max_eval=dbg.max_eval_examples)
     with timed(timings, "model_load_s"):
-        tokenizer = load_tokenizer(spec.model)
-        model = load_model(spec.model, task.head, task.num_labels).to(device)
+        tokenizer = load_tokenizer(spec.model, spec.paths.resolve("cache_dir"))
+        model = load_model(spec.model, task.head, task.num_labels, spec.paths.resolve("cache_dir")).to(device)
     with timed(timings, "data_s"):
         encoded = {name: task.encode(tokenizer, rows, spec.model.max_length) for name, rows in splits.items()}
     collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
@@ -118,7 +131,9 @@ def _execute(spec: Spec, task, metric, mask, method, logger, record: RunRecord, 
     total_params = count(model.parameters())
 
     # Scoring examples: a seeded sample of the training split.
-    n_score = min(min_set(spec.metric.num_score_examples, dbg.max_score_examples), len(encoded["train"]))
+    # (GraSP draws two sets of that many: metric.sample_factor = 2.)
+    n_score = min(metric.sample_factor * min_set(spec.metric.num_score_examples, dbg.max_score_examples),
+                  len(encoded["train"]))
     g = torch.Generator().manual_seed(spec.seed)
     score_rows = [encoded["train"][i] for i in torch.randperm(len(encoded["train"]), generator=g)[:n_score].tolist()]
     score_bs = spec.metric.batch_size or tcfg.batch_size
@@ -129,7 +144,11 @@ def _execute(spec: Spec, task, metric, mask, method, logger, record: RunRecord, 
 
     head_lr = tcfg.head_lr or tcfg.lr
     ctx = PrepareContext(model=model, targets=targets, family=spec.model.family, budget=k, metric=metric, mask=mask,
-                         score_batches=score_batches, num_score_examples=n_score, seed=spec.seed, timings=timings)
+                         score_batches=score_batches, num_score_examples=n_score, seed=spec.seed, timings=timings,
+                         score_cache_dir=spec.paths.resolve("cache_dir"),
+                         score_key={"model": asdict(spec.model), "task": asdict(spec.task), "split": "train",
+                                    "train_examples": len(encoded["train"]), "batch_size": score_bs,
+                                    "max_train_examples": dbg.max_train_examples})
     prepared = method.prepare(ctx, tcfg.lr, head_lr)
     trainable = sum(prepared.trainable.values())
     target_total = sum(o * i for o, i in shapes.values())
@@ -138,7 +157,7 @@ def _execute(spec: Spec, task, metric, mask, method, logger, record: RunRecord, 
                   budget={"spec": str(spec.budget),
                           "kind": spec.budget.kind, "entries": k, "target_entries": target_total,
                           "target_modules": len(shapes)},
-                  num_score_examples=n_score)
+                  num_score_examples=n_score, scoring=ctx.scoring)
     logger.log_table("mask", ["module", "selected", "total", "density"],
                      [[n, m["selected"], m["total"], m["selected"] / m["total"]] for n, m in prepared.mask.items()])
 
@@ -156,10 +175,32 @@ def _execute(spec: Spec, task, metric, mask, method, logger, record: RunRecord, 
             return {f"{split}/{k}": v for k, v in task.compute_metrics(logits, labels).items()}
 
     validate_fn = (lambda step: evaluate("validation")) if "validation" in loaders else None
+
+    # Dynamic masks re-score on fresh training examples: a seeded stream apart from the first sample.
+    stream = example_stream(encoded["train"], spec.seed + 1)
+
+    def rescore(n: int | None) -> dict[str, torch.Tensor]:
+        n = min(min_set(n or n_score, dbg.max_score_examples), len(encoded["train"]))
+        rows = [next(stream) for _ in range(n)]
+        batches = lambda: (move(collate(rows[i : i + score_bs]), device) for i in range(0, n, score_bs))  # noqa: E731
+        return metric.score(ScoreContext(model, sparse_layers(model), batches, n, spec.seed))
+
+    def bind_mask(optimizer, steps: int) -> None:
+        mask.bind(MaskRuntime(model, sparse_layers(model), optimizer, steps, k, rescore))
+
+    dynamic = getattr(mask, "dynamic", False)
     t0 = time.perf_counter()
     state = train(model, prepared.param_groups, train_loader, tcfg, device, dbg.max_train_steps,
-                  on_log=logger.log, validate=validate_fn, mask_schedule=mask)
+                  on_log=logger.log, validate=validate_fn, on_start=bind_mask if dynamic else None,
+                  on_step=mask.on_step_end if dynamic else None)
     timings["training_s"] = time.perf_counter() - t0 - timings.get("evaluation_s", 0.0)
+    if dynamic:
+        record.update(mask_final={n: {"selected": m.values.numel(), "total": m.weight.numel()}
+                                  for n, m in sparse_layers(model).items()})
+    if spec.method.save_adapter and sparse_layers(model):
+        save_adapter(model, Path(record.path).parent / "adapter", base_model=spec.model.name_or_path,
+                     base_package=spec.model.package, targets=sorted(sparse_layers(model)),
+                     metric=spec.metric.name, mask=spec.mask.name, density=str(spec.budget))
 
     metrics = dict(state.history[-1]) if state.history else {}
     metrics.pop("step", None), metrics.pop("epoch", None)

@@ -33,14 +33,21 @@ class Entry:
 _REGISTRY: dict[str, dict[str, Entry]] = {}
 
 
-def register(group: str, name: str, schema: type | None = None) -> Callable[[Any], Any]:
-    """Decorator: register ``obj`` as option ``name`` of config group ``group``."""
+def register(group: str, name: str, schema: type | None = None, aliases: tuple[str, ...] = ()) -> Callable[[Any], Any]:
+    """Decorator: register ``obj`` as option ``name`` of config group ``group``.
+
+    ``aliases`` are other names for the same entry (e.g. the reference code's ``gradient`` for ``grad``):
+    ``get(group, alias)`` returns the canonical entry (``entry.name`` is the canonical name), ``names``
+    lists canonical names only, ``aliases`` maps each alias to its canonical name.
+    """
 
     def deco(obj: Any) -> Any:
         entries = _REGISTRY.setdefault(group, {})
-        if name in entries and entries[name].obj is not obj:
-            raise RuntimeError(f"{group} '{name}' is registered twice")
-        entries[name] = Entry(group, name, obj, schema)
+        entry = Entry(group, name, obj, schema)
+        for key in (name, *aliases):
+            if key in entries and entries[key].obj is not obj:
+                raise RuntimeError(f"{group} '{key}' is registered twice")
+            entries[key] = entry
         if schema is not None:
             ConfigStore.instance().store(group=f"schema/{group}", name=name, node=schema)
         return obj
@@ -49,8 +56,15 @@ def register(group: str, name: str, schema: type | None = None) -> Callable[[Any
 
 
 def names(group: str) -> list[str]:
+    """Canonical option names of a group (aliases excluded)."""
     _load_components()
-    return sorted(_REGISTRY.get(group, {}))
+    return sorted(k for k, e in _REGISTRY.get(group, {}).items() if k == e.name)
+
+
+def aliases(group: str) -> dict[str, str]:
+    """Alias -> canonical name, for every alias registered in a group."""
+    _load_components()
+    return {k: e.name for k, e in sorted(_REGISTRY.get(group, {}).items()) if k != e.name}
 
 
 def get(group: str, name: str) -> Entry:

@@ -68,3 +68,17 @@ def tiny_batches(n: int = 10, seq: int = 6, batch: int = 4, vocab: int = 50, lab
 def tiny():
     model = TinyClassifier()
     return model, {"q": model.q, "o": model.o}, tiny_batches()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Score and model caches go to a per-session folder: tests neither read nor fill the user's cache."""
+    import os
+
+    old = os.environ.get("SPEFT_CACHE_DIR")
+    os.environ["SPEFT_CACHE_DIR"] = str(tmp_path_factory.mktemp("speft_cache"))
+    yield
+    if old is None:
+        os.environ.pop("SPEFT_CACHE_DIR", None)
+    else:
+        os.environ["SPEFT_CACHE_DIR"] = old

@@ -82,3 +82,39 @@ def test_inject_replaces_named_linears():
     assert layers["0"].indices.dtype == torch.int32
     with pytest.raises(ValueError):
         SparseDeltaLinear(nn.Linear(2, 2), torch.tensor([4]))
+
+
+def test_dropout_path_matches_reference_and_eval_is_merged():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12)
+    layer = SparseDeltaLinear(base, torch.randperm(192)[:30], scaling=2.0, dropout=0.5)
+    with torch.no_grad():
+        layer.values.normal_()
+    w0 = base.weight.detach().clone()
+    delta = layer.delta()
+    x = torch.randn(4, 16)
+
+    layer.train()
+    torch.manual_seed(3)
+    y = layer(x)
+    torch.manual_seed(3)
+    x_drop = nn.functional.dropout(x, 0.5, training=True)
+    torch.testing.assert_close(y, x @ w0.t() + base.bias + x_drop @ delta.t())
+    y.sum().backward()
+    torch.testing.assert_close(layer.values.grad, 2.0 * (torch.ones(4, 12).t() @ x_drop).view(-1)[layer.indices.long()])
+    assert torch.equal(base.weight, w0)  # unmerged while training with dropout
+
+    layer.eval()
+    torch.testing.assert_close(layer(x), x @ (w0 + delta).t() + base.bias)
+    layer.train()
+    layer(x)
+    assert torch.equal(base.weight, w0)  # unmerged again
+
+
+def test_dense_weight_gradient_is_returned_when_asked_for_rescoring():
+    layer = make(torch.float32)
+    layer.weight.requires_grad_(True)  # what salience scoring does during reselect/regrow
+    x, g = torch.randn(2, 3, 16), torch.randn(2, 3, 12)
+    layer(x).backward(g)
+    torch.testing.assert_close(layer.weight.grad, g.reshape(-1, 12).t() @ x.reshape(-1, 16))
+    assert layer.values.grad is not None

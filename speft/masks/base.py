@@ -1,10 +1,17 @@
-"""Mask schedules: which entries are trainable at the start, and how that changes during training."""
+"""Mask schedules: which entries are trainable at the start, and how that changes during training.
+
+A schedule selects the initial mask from salience scores (:meth:`MaskSchedule.select`). Dynamic
+schedules are then bound to the training run (:meth:`bind`) and called after every optimizer step
+(:meth:`on_step_end`); they return a log record for each mask update.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from speft.config import check_choice
 from speft.masks.selection import SELECTIONS
@@ -19,13 +26,55 @@ class MaskConfig:
         check_choice("mask.selection", self.selection, sorted(SELECTIONS))
 
 
+@dataclass
+class MaskRuntime:
+    """What a dynamic schedule needs during training."""
+
+    model: nn.Module
+    layers: dict  # target name -> SparseDeltaLinear
+    optimizer: torch.optim.Optimizer
+    total_steps: int
+    budget: int
+    score: Callable[[int], dict[str, torch.Tensor]]  # n examples -> salience scores on fresh batches
+    initial: dict[str, torch.Tensor] = field(default_factory=dict)  # the initial mask, per module
+
+    def values_group(self) -> dict:
+        return next(g for g in self.optimizer.param_groups if g.get("name") == "sparse")
+
+
 class MaskSchedule:
+    dynamic = False
+
     def __init__(self, cfg: MaskConfig) -> None:
         self.cfg = cfg
+        self.runtime: MaskRuntime | None = None
 
     def select(self, scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
         return SELECTIONS[self.cfg.selection](scores, k)
 
-    def on_step_end(self, step: int, state) -> dict | None:
+    def bind(self, runtime: MaskRuntime) -> None:
+        self.runtime = runtime
+        runtime.initial = {n: layer.indices.long().clone() for n, layer in runtime.layers.items()}
+
+    def on_step_end(self, step: int) -> dict | None:
         """Called after every optimizer step; may change the mask. Returns a log record or None."""
         return None
+
+    def overlap_with_initial(self) -> float:
+        """Fraction of the current mask's entries that were in the initial mask."""
+        rt = self.runtime
+        kept = sum(int(torch.isin(layer.indices.long(), rt.initial[n]).sum()) for n, layer in rt.layers.items())
+        return kept / max(1, sum(layer.indices.numel() for layer in rt.layers.values()))
+
+
+def reset_adam_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, slots: torch.Tensor | None) -> None:
+    """Zero the optimizer moments of ``param`` at ``slots`` (all of them when None)."""
+    state = optimizer.state.get(param)
+    if not state:
+        return
+    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"):
+        if key in state and torch.is_tensor(state[key]) and state[key].shape == param.shape:
+            if slots is None:
+                state[key].zero_()
+            else:
+                state[key][slots] = 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -18,6 +19,7 @@ class MethodConfig:
     targets: str = "attention"  # target preset of the model family (see speft/models/families.py)
     target_regex: Optional[list[str]] = None  # module-name regexes; override `targets` when set
     train_head: bool = True  # train the task head too (its parameters are counted apart)
+    save_adapter: bool = True  # write the trained adapter to <run dir>/adapter (a few MB at most)
 
 
 @dataclass
@@ -34,6 +36,9 @@ class PrepareContext:
     num_score_examples: int
     seed: int
     timings: dict[str, float] = field(default_factory=dict)
+    score_cache_dir: Optional[Path] = None  # folder of the score cache; None = no caching
+    score_key: dict[str, Any] = field(default_factory=dict)  # model, task and data facts that key the cache
+    scoring: dict[str, Any] = field(default_factory=dict)  # filled by prepare: cache, path, examples, peak memory
 
 
 @dataclass

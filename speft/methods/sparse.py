@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from speft.config import check_positive
+from speft.config import check, check_positive
 from speft.methods.base import Method, MethodConfig, PrepareContext, Prepared, freeze_all, timed
 from speft.registry import register
 from speft.salience.base import ScoreContext
+from speft.salience.cache import compute_scores
 from speft.sparse.layer import inject
 
 log = logging.getLogger(__name__)
@@ -18,22 +19,26 @@ log = logging.getLogger(__name__)
 class SparseMethodConfig(MethodConfig):
     name: str = "sparse"
     scaling: float = 1.0  # α in W0 + α·Δ, as in the reference implementation
+    dropout: float = 0.0  # dropout on the delta's input (reference implementation; 0 keeps W0 + Δ merged)
 
     def __post_init__(self) -> None:
         check_positive(self, "method", "scaling")
+        check(0 <= self.dropout < 1, f"method.dropout={self.dropout} must be in [0, 1)")
 
 
 @register("method", "sparse", schema=SparseMethodConfig)
 class Sparse(Method):
     def prepare(self, ctx: PrepareContext, lr: float, head_lr: float) -> Prepared:
         with timed(ctx.timings, "scoring_s"):
-            scores = ctx.metric.score(ScoreContext(ctx.model, ctx.targets, ctx.score_batches,
-                                                   ctx.num_score_examples, ctx.seed))
+            score_ctx = ScoreContext(ctx.model, ctx.targets, ctx.score_batches, ctx.num_score_examples, ctx.seed)
+            device = next(iter(ctx.targets.values())).weight.device
+            scores, info = compute_scores(ctx.metric, score_ctx, ctx.score_cache_dir, ctx.score_key, device)
+            ctx.scoring.update(info)
         with timed(ctx.timings, "selection_s"):
             indices = ctx.mask.select(scores, ctx.budget)
         del scores
         freeze_all(ctx.model)
-        layers = inject(ctx.model, indices, self.cfg.scaling)
+        layers = inject(ctx.model, indices, self.cfg.scaling, self.cfg.dropout)
         values = [layer.values for layer in layers.values()]
         for v in values:
             v.requires_grad_(True)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
+import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -55,35 +58,74 @@ def auto_class(head: str):
     return classes[head]
 
 
-def _kwargs(cfg: ModelConfig) -> dict:
-    return {"revision": cfg.revision} if cfg.revision else {}
+def checkpoint(cfg: ModelConfig, cache_dir: Path | None = None) -> tuple[str, dict]:
+    """(path or Hub id, from_pretrained kwargs). A GGUF checkpoint is de-quantised once into
+    ``<cache_dir>/models/`` as a plain safetensors checkpoint, so later loads are fast and the model
+    can be saved; without a cache folder it is de-quantised on every load."""
+    kwargs = {"revision": cfg.revision} if cfg.revision else {}
+    source = model_source(cfg)
+    if not cfg.gguf_file:
+        return source, kwargs
+    gguf = Path(source) / cfg.gguf_file
+    if not gguf.is_file():
+        raise ConfigError(f"model.gguf_file: {gguf} does not exist")
+    if cache_dir is None:
+        return source, {**kwargs, "gguf_file": cfg.gguf_file}
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = Path(cache_dir) / "models" / f"{cfg.name}-{key}"
+    if not (out / "config.json").is_file():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        log.info("de-quantising %s once into %s", gguf, out)
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=cfg.gguf_file, dtype=torch.float32)
+        dequantised(model).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(source, gguf_file=cfg.gguf_file).save_pretrained(tmp)
+        if out.exists():  # a concurrent job finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, out)
+    return str(out), {}
 
 
-def build_meta_model(cfg: ModelConfig, head: str, num_labels: int | None) -> nn.Module:
+def dequantised(model: nn.Module) -> nn.Module:
+    """GGUF weights arrive de-quantised; drop the quantizer marker so the model can be saved."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
+
+
+def build_meta_model(cfg: ModelConfig, head: str, num_labels: int | None, cache_dir: Path | None = None) -> nn.Module:
     """The model's structure on the meta device: shapes without weights, in well under a second."""
     from transformers import AutoConfig
 
-    hf_cfg = AutoConfig.from_pretrained(model_source(cfg), **_kwargs(cfg))
+    source, kwargs = checkpoint(cfg, cache_dir)
+    hf_cfg = AutoConfig.from_pretrained(source, **kwargs)
     if num_labels is not None:
         hf_cfg.num_labels = num_labels
     with torch.device("meta"):
         return auto_class(head).from_config(hf_cfg)
 
 
-def load_model(cfg: ModelConfig, head: str, num_labels: int | None) -> nn.Module:
-    kwargs = _kwargs(cfg)
+def load_model(cfg: ModelConfig, head: str, num_labels: int | None, cache_dir: Path | None = None) -> nn.Module:
+    source, kwargs = checkpoint(cfg, cache_dir)
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
-    model = auto_class(head).from_pretrained(model_source(cfg), dtype=DTYPES[cfg.dtype], **kwargs)
+    model = auto_class(head).from_pretrained(source, dtype=DTYPES[cfg.dtype], **kwargs)
+    if cfg.gguf_file:
+        dequantised(model)
     if getattr(model.config, "pad_token_id", None) is None and getattr(model.config, "eos_token_id", None) is not None:
         model.config.pad_token_id = model.config.eos_token_id  # decoders: pool at the last real token
     return model
 
 
-def load_tokenizer(cfg: ModelConfig):
+def load_tokenizer(cfg: ModelConfig, cache_dir: Path | None = None):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_source(cfg), **_kwargs(cfg))
+    source, kwargs = checkpoint(cfg, cache_dir)
+    tok = AutoTokenizer.from_pretrained(source, **kwargs)
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok

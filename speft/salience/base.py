@@ -4,12 +4,16 @@ A metric receives a :class:`ScoreContext` and returns ``{target name: scores sha
 Only target weights get score buffers. Gradients of the targets are folded into their fp32
 accumulators as soon as autograd produces them (post-accumulate-grad hooks) and freed at once, and
 no other parameter keeps a gradient, so scoring needs the model, one batch's activations and one
-fp32 buffer per target.
+fp32 buffer per target (``metric.offload=true`` keeps those buffers in CPU memory instead).
+
+A metric leaves the model as it found it: weights, ``requires_grad`` flags and train/eval mode are
+restored and no parameter keeps a ``.grad``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -24,6 +28,8 @@ class MetricConfig:
     name: str = "???"  # the option's name, the same as its YAML file
     num_score_examples: int = 1024  # training examples the scores are computed from (the study's default)
     batch_size: Optional[int] = None  # scoring batch size; null = trainer.batch_size
+    cache: bool = True  # reuse scores saved under paths.cache_dir/scores for the same key; false = always compute
+    offload: bool = False  # keep the fp32 score accumulators in CPU memory (large models on a GPU)
 
     def __post_init__(self) -> None:
         check_positive(self, "metric", "num_score_examples", "batch_size")
@@ -39,19 +45,41 @@ class ScoreContext:
 
 
 class SalienceMetric:
+    """A salience metric. Class attributes describe its cost and data needs to the pipeline."""
+
+    sample_factor = 1  # scoring examples drawn per `num_score_examples` (GraSP: 2, one half for g, one for H)
+    data_free = False  # True when the scores do not depend on the examples (SynFlow)
+
     def __init__(self, cfg: MetricConfig) -> None:
         self.cfg = cfg
 
     def score(self, ctx: ScoreContext) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def examples_used(self, ctx: ScoreContext) -> int:
+        return 0 if self.data_free else ctx.num_examples
 
-def mean_gradient(ctx: ScoreContext) -> dict[str, torch.Tensor]:
-    """Gradient of the mean loss over all ``ctx.num_examples`` examples, per target weight (fp32)."""
-    model, targets = ctx.model, ctx.targets
-    acc = {name: torch.zeros(m.weight.shape, dtype=torch.float32, device=m.weight.device)
-           for name, m in targets.items()}
+
+def num_examples(batch: dict) -> int:
+    return int(batch["labels"].shape[0])
+
+
+def accumulators(targets: dict[str, nn.Linear], offload: bool = False) -> dict[str, torch.Tensor]:
+    """One zero fp32 buffer per target weight, on the weight's device or (``offload``) in CPU memory."""
+    return {name: torch.zeros(m.weight.shape, dtype=torch.float32,
+                              device="cpu" if offload else m.weight.device)
+            for name, m in targets.items()}
+
+
+@contextmanager
+def target_gradients(model: nn.Module, targets: dict[str, nn.Linear],
+                     fold: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """Within the block only target weights require grad, and each target's gradient is handed to
+    ``fold(name, grad)`` as soon as autograd has accumulated it, then freed. The model is in eval mode
+    (no dropout: scores are a property of the pretrained weights). Flags and mode are restored after,
+    and no parameter keeps a ``.grad``."""
     saved = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
     handles = []
     try:
         for p in model.parameters():
@@ -61,22 +89,40 @@ def mean_gradient(ctx: ScoreContext) -> dict[str, torch.Tensor]:
             w = m.weight
             w.requires_grad_(True)
 
-            def fold(param: torch.Tensor, buf: torch.Tensor = acc[name]) -> None:
-                buf.add_(param.grad)
+            def hook(param: torch.Tensor, name: str = name) -> None:
+                fold(name, param.grad)
                 param.grad = None
 
-            handles.append(w.register_post_accumulate_grad_hook(fold))
-        was_training = model.training
-        model.eval()  # no dropout: scores are a property of the pretrained weights
-        for batch in ctx.batches():
-            n = batch["labels"].shape[0]
-            loss = model(**batch).loss * (n / ctx.num_examples)
-            loss.backward()
-        model.train(was_training)
+            handles.append(w.register_post_accumulate_grad_hook(hook))
+        model.eval()
+        yield
     finally:
+        model.train(was_training)
         for h in handles:
             h.remove()
         for p, flag in saved.items():
             p.requires_grad_(flag)
             p.grad = None
+
+
+def mean_gradient(ctx: ScoreContext, offload: bool = False, abs_per_batch: bool = False) -> dict[str, torch.Tensor]:
+    """ḡ: gradient of the mean loss over all ``ctx.num_examples`` examples, per target weight (fp32).
+
+    Batches are weighted by their size, so unequal batches give the mean over examples. With
+    ``abs_per_batch`` the result is instead the example-weighted mean of the per-batch |gradients|.
+    """
+    acc = accumulators(ctx.targets, offload)
+
+    def fold(name: str, grad: torch.Tensor) -> None:
+        acc[name].add_((grad.abs() if abs_per_batch else grad).to(acc[name].device))
+
+    with target_gradients(ctx.model, ctx.targets, fold):
+        for batch in ctx.batches():
+            loss = ctx.model(**batch).loss * (num_examples(batch) / ctx.num_examples)
+            loss.backward()
     return acc
+
+
+def weight(module: nn.Linear, like: torch.Tensor) -> torch.Tensor:
+    """The module's weight as fp32 on the device of ``like`` (a score buffer)."""
+    return module.weight.detach().to(device=like.device, dtype=torch.float32)

@@ -58,15 +58,19 @@ def train(
     max_steps_cap: int | None,
     on_log: Callable[[dict, int], None],
     validate: Callable[[int], dict] | None = None,
-    mask_schedule=None,
+    on_start: Callable[[torch.optim.Optimizer, int], None] | None = None,
+    on_step: Callable[[int], dict | None] | None = None,
 ) -> TrainState:
+    """Train; ``on_start(optimizer, total_steps)`` runs once, ``on_step(step)`` after every optimizer
+    step (mask schedules: it may swap parameters in the optimizer's groups) and may return a record."""
     from transformers import get_scheduler
 
     steps = total_steps(cfg, len(loader), max_steps_cap)
-    params = [p for g in param_groups for p in g["params"]]
     optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=round(cfg.warmup_ratio * steps),
                               num_training_steps=steps)
+    if on_start is not None:
+        on_start(optimizer, steps)
     state = TrainState()
     eval_every = cfg.eval_every_steps or max(1, len(loader) // cfg.grad_accum_steps)
     model.train()
@@ -83,16 +87,18 @@ def train(
             if micro % cfg.grad_accum_steps:
                 continue
             if cfg.max_grad_norm:
+                params = [p for g in optimizer.param_groups for p in g["params"]]
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             state.epoch = micro / len(loader)
-            if mask_schedule is not None:
-                record = mask_schedule.on_step_end(state.step, state)
+            if on_step is not None:
+                record = on_step(state.step)
                 if record:
                     state.mask_updates.append(record)
+                    on_log({f"mask/{k}": v for k, v in record.items() if k not in ("step", "kind")}, state.step)
             bar.update(1)
             if state.step % cfg.log_every_steps == 0 or state.step == steps:
                 record = {"train/loss": running / n_running, "train/lr": scheduler.get_last_lr()[0],

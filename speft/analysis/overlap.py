@@ -1,0 +1,145 @@
+"""How much do salience metrics agree? Pairwise overlap of their selected sets and rank correlation.
+
+    python -m speft.analysis.overlap --density 0.01 [--selection global|local] INPUT [INPUT ...]
+
+Each INPUT is a run folder (its ``results.json`` names the score file in ``scoring.path``; runs with
+``metric.cache=false`` have none) or a score file from the cache (``<cache_dir>/scores/*.safetensors``).
+All inputs must score the same target modules. For every pair the command prints, as a Markdown table:
+
+* IoU: |A ∩ B| / |A ∪ B| of the entries each metric selects at ``--density`` (same forms as the run's
+  ``density``: a fraction, a count or ``lora:<r>``) with the given selection (global or per-module top-k,
+  the same exact, deterministic selection as training);
+* Spearman ρ: per target module, the Pearson correlation of the scores' ranks (ties get their
+  average rank), then the mean and the minimum over modules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import torch
+
+from speft.config import Budget
+from speft.masks.selection import SELECTIONS
+from speft.results import RESULTS_FILE
+from speft.salience.cache import read
+
+Scores = dict[str, torch.Tensor]
+
+
+def load_input(path: Path) -> tuple[str, Scores]:
+    """(label, scores) of a run folder or a score file; the label is the metric's name."""
+    path = Path(path)
+    if path.is_dir():
+        results = path / RESULTS_FILE
+        if not results.exists():
+            raise SystemExit(f"{path}: no {RESULTS_FILE}")
+        data = json.loads(results.read_text())
+        score_file = (data.get("scoring") or {}).get("path")
+        if not score_file:
+            raise SystemExit(f"{path}: results.json records no score file (scoring.path); "
+                             f"rerun with metric.cache=true to save the scores")
+        _, scores = load_input(Path(score_file))
+        return str(data.get("config", {}).get("metric", {}).get("name", path.name)), scores
+    scores, metadata = read(path)
+    try:
+        label = json.loads(metadata["key"])["metric"]["name"]
+    except (KeyError, ValueError, TypeError):
+        label = path.stem.split("-")[0]
+    return label, scores
+
+
+def parse_density(raw: str):
+    if raw.startswith("lora:"):
+        return raw
+    return float(raw) if any(c in raw for c in ".eE") else int(raw)
+
+
+def selection_masks(scores: Scores, k: int, selection: str) -> dict[str, torch.Tensor]:
+    """Boolean mask (flat) of the selected entries, per module."""
+    indices = SELECTIONS[selection](scores, k)
+    masks = {}
+    for name, s in scores.items():
+        m = torch.zeros(s.numel(), dtype=torch.bool)
+        m[indices[name]] = True
+        masks[name] = m
+    return masks
+
+
+def iou(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    inter = sum(int((a[n] & b[n]).sum()) for n in a)
+    union = sum(int((a[n] | b[n]).sum()) for n in a)
+    return inter / union if union else 1.0
+
+
+def ranks(x: torch.Tensor) -> torch.Tensor:
+    """0-based ranks of the flattened values (float64); tied values share their average rank."""
+    values, order = torch.sort(x.reshape(-1).double())
+    _, inverse, counts = torch.unique_consecutive(values, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    average = ends - (counts.double() + 1) / 2
+    out = torch.empty_like(values)
+    out[order] = average[inverse]
+    return out
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman's ρ: Pearson correlation of the ranks (NaN when either input is constant)."""
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = ra.norm() * rb.norm()
+    return float((ra @ rb) / denom) if denom > 0 else float("nan")
+
+
+def compare(inputs: list[tuple[str, Scores]], density, selection: str = "global") -> tuple[int, list[dict]]:
+    """Budget k and one row per pair: ``a``, ``b``, ``iou``, ``spearman_mean``, ``spearman_min``."""
+    shapes = {n: tuple(s.shape) for n, s in inputs[0][1].items()}
+    for label, scores in inputs[1:]:
+        if {n: tuple(s.shape) for n, s in scores.items()} != shapes:
+            raise SystemExit(f"'{label}' scores other target modules than '{inputs[0][0]}'")
+    k = Budget.parse(density).resolve({n: (s[0], s[1] if len(s) > 1 else 1) for n, s in shapes.items()})
+    masks = [selection_masks(scores, k, selection) for _, scores in inputs]
+    rows = []
+    for (i, (la, sa)), (j, (lb, sb)) in itertools.combinations(enumerate(inputs), 2):
+        rhos = [spearman(sa[n], sb[n]) for n in shapes]
+        rows.append({"a": la, "b": lb, "iou": iou(masks[i], masks[j]),
+                     "spearman_mean": sum(rhos) / len(rhos), "spearman_min": min(rhos)})
+    return k, rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| metric A | metric B | IoU of selected sets | Spearman ρ (mean over modules) | Spearman ρ (min) |",
+             "|---|---|---:|---:|---:|"]
+    lines += [f"| {r['a']} | {r['b']} | {r['iou']:.4f} | {r['spearman_mean']:.4f} | {r['spearman_min']:.4f} |"
+              for r in rows]
+    return "\n".join(lines)
+
+
+def unique_labels(inputs: list[tuple[str, Scores]]) -> list[tuple[str, Scores]]:
+    seen: dict[str, int] = {}
+    out = []
+    for label, scores in inputs:
+        seen[label] = seen.get(label, 0) + 1
+        out.append((label if seen[label] == 1 else f"{label}#{seen[label]}", scores))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m speft.analysis.overlap", description=__doc__.split("\n")[0])
+    parser.add_argument("inputs", nargs="+", type=Path, help="run folders or score files (.safetensors)")
+    parser.add_argument("--density", default="0.01", help="fraction, count or lora:<r> (default 0.01)")
+    parser.add_argument("--selection", default="global", choices=sorted(SELECTIONS))
+    args = parser.parse_args(argv)
+    if len(args.inputs) < 2:
+        parser.error("give at least two inputs")
+    inputs = unique_labels([load_input(p) for p in args.inputs])
+    k, rows = compare(inputs, parse_density(args.density), args.selection)
+    print(f"density {args.density} ({k:,} entries), {args.selection} selection, {len(inputs)} inputs\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

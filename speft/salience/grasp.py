@@ -1,0 +1,71 @@
+"""``grasp``: W ⊙ (H g), GraSP's Hessian-gradient product (Wang et al., 2020), for fine-tuning selection.
+
+g is the gradient, w.r.t. the target weights, of the mean temperature-scaled loss (logits / T) over
+the first half of the scoring examples; H is the Hessian of the same loss over the second half,
+w.r.t. the target weights (the block of the full Hessian on the flattened targets). H g comes from a
+double backward per batch: z = ⟨∇ℓ_b, g⟩ with ``create_graph``, then ∇z = H_b g.
+
+Examples: the metric asks for twice ``num_score_examples`` (``sample_factor = 2``): one half for g,
+the other for H. When the training split holds fewer, the N examples available are split into the
+first ⌈N/2⌉ (for g) and the remaining ⌊N/2⌋ (for H); a single example is used for both.
+
+Sign: the original GraSP prunes with −W ⊙ Hg; this project selects entries to *train* with the
+study's definition, score = W ⊙ Hg, highest first.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from speft.config import check_positive
+from speft.registry import register
+from speft.salience._functional import forward_per_example, split_examples
+from speft.salience.base import MetricConfig, SalienceMetric, ScoreContext, accumulators, target_gradients, weight
+
+
+@dataclass
+class GraspConfig(MetricConfig):
+    name: str = "grasp"
+    temperature: float = 200.0  # logits / T before the loss, as in GraSP's reference code
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive(self, "metric", "temperature")
+
+
+@register("metric", "grasp", schema=GraspConfig)
+class Grasp(SalienceMetric):
+    sample_factor = 2
+
+    def score(self, ctx: ScoreContext) -> dict[str, torch.Tensor]:
+        model, targets, temp = ctx.model, ctx.targets, self.cfg.temperature
+        n1 = math.ceil(ctx.num_examples / 2)
+        n2 = ctx.num_examples - n1
+        second = 0 if n2 == 0 else 1  # a single example: the same half for g and H
+
+        g = accumulators(targets, self.cfg.offload)
+        with target_gradients(model, targets, lambda name, grad: g[name].add_(grad.to(g[name].device))):
+            for part, batch in split_examples(ctx.batches(), n1):
+                if part == 0:
+                    (forward_per_example(model, batch, temp).sum() / n1).backward()
+
+        hg = accumulators(targets, self.cfg.offload)
+        names = list(targets)
+        weights = [targets[n].weight for n in names]
+        # The fused attention kernels have no double backward; the math kernel does.
+        with target_gradients(model, targets, lambda name, grad: hg[name].add_(grad.to(hg[name].device))), \
+                sdpa_kernel(SDPBackend.MATH):
+            for part, batch in split_examples(ctx.batches(), n1):
+                if part != second:
+                    continue
+                loss = forward_per_example(model, batch, temp).sum() / (n2 or n1)
+                grads = torch.autograd.grad(loss, weights, create_graph=True, allow_unused=True)
+                z = sum((gr * g[n].to(gr.device, gr.dtype)).sum() for n, gr in zip(names, grads) if gr is not None)
+                del grads
+                if isinstance(z, torch.Tensor) and z.requires_grad:  # else no target is on the loss's path
+                    z.backward()
+        return {name: buf.mul_(weight(targets[name], buf)) for name, buf in hg.items()}
