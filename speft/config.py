@@ -263,7 +263,7 @@ def validate(cfg: DictConfig) -> Spec:
 
 def option_names(group: str) -> list[str]:
     conf = PROJECT_ROOT / "conf" / group
-    return sorted(p.stem for p in conf.glob("*.yaml"))
+    return sorted(str(p.relative_to(conf).with_suffix("")) for p in conf.rglob("*.yaml"))
 
 
 class ValidateCallback(Callback):

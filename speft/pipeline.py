@@ -7,6 +7,7 @@ budget, on a meta-device copy of the model) is checked before anything is loaded
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -19,11 +20,11 @@ from torch.utils.data import DataLoader
 from speft import registry
 from speft.config import Spec, min_set, validate
 from speft.masks.base import MaskRuntime
-from speft.methods.base import PrepareContext, count, timed
+from speft.methods.base import PrepareContext, count
 from speft.models.loading import build_meta_model, find_targets, load_model, load_tokenizer, target_shapes
-from speft.results import RunRecord
+from speft.registry import ConfigError
+from speft.results import RunRecord, timed
 from speft.salience.base import ScoreContext
-from speft.sparse.io import save_adapter
 from speft.sparse.layer import sparse_layers
 from speft.train.loop import move, predict, train
 
@@ -35,11 +36,17 @@ def build(spec: Spec):
     return {g: registry.get(g, getattr(spec, g).name).obj for g in ("task", "method", "metric", "mask", "logger")}
 
 
-def plan(spec: Spec, task) -> tuple[dict[str, tuple[int, int]], int]:
-    """Target shapes and the exact number of trainable entries, from the model's structure alone."""
+def plan(spec: Spec, task) -> tuple[dict[str, tuple[int, int]], int | None]:
+    """Target shapes and, for salience methods, the exact number of trainable entries, from the
+    model's structure alone. Cross-group rules are checked here too."""
+    method_cls = registry.get("method", spec.method.name).obj
+    mask_cls = registry.get("mask", spec.mask.name).obj
+    if mask_cls.dynamic and not method_cls.uses_salience:
+        raise ConfigError(f"mask={spec.mask.name} changes a sparse mask during training; method="
+                          f"{spec.method.name} has none. Use mask=static or method=sparse")
     meta = build_meta_model(spec.model, task.head, task.num_labels, spec.paths.resolve("cache_dir"))
     shapes = target_shapes(find_targets(meta, spec.model.family, spec.method.targets, spec.method.target_regex))
-    return shapes, spec.budget.resolve(shapes)
+    return shapes, spec.budget.resolve(shapes) if method_cls.uses_salience else None
 
 
 def plan_spec(spec: Spec) -> tuple[dict[str, tuple[int, int]], int]:
@@ -64,6 +71,13 @@ def train_dataloader(rows: list[dict], tcfg, collate, seed: int) -> DataLoader:
         sampler = LengthGroupedSampler(tcfg.batch_size, lengths=[len(r["input_ids"]) for r in rows], generator=g)
         return DataLoader(rows, batch_size=tcfg.batch_size, sampler=sampler, collate_fn=collate)
     return DataLoader(rows, batch_size=tcfg.batch_size, shuffle=True, collate_fn=collate, generator=g)
+
+
+def best_evaluation(history: list[dict], task) -> dict:
+    """The periodic evaluation with the highest main validation metric (its step and epoch included)."""
+    key = f"{getattr(task, 'validation_split', 'validation')}/{task.main_metric}"
+    scored = [h for h in history if key in h and not math.isnan(h[key])]  # NaN: e.g. constant predictions
+    return dict(max(scored, key=lambda h: h[key])) if scored else {}
 
 
 def device_for(name: str) -> torch.device:
@@ -153,13 +167,13 @@ def _execute(spec: Spec, task, metric, mask, method, logger, record: RunRecord, 
     trainable = sum(prepared.trainable.values())
     target_total = sum(o * i for o, i in shapes.values())
     record.update(trainable_params=trainable, trainable=prepared.trainable, total_params=total_params,
-                  density=prepared.trainable.get("sparse", 0) / target_total, mask=prepared.mask,
-                  budget={"spec": str(spec.budget),
-                          "kind": spec.budget.kind, "entries": k, "target_entries": target_total,
-                          "target_modules": len(shapes)},
-                  num_score_examples=n_score, scoring=ctx.scoring)
-    logger.log_table("mask", ["module", "selected", "total", "density"],
-                     [[n, m["selected"], m["total"], m["selected"] / m["total"]] for n, m in prepared.mask.items()])
+                  density=prepared.target_trainable / target_total, mask=prepared.mask,
+                  budget={"spec": str(spec.budget) if k is not None else None, "kind": spec.budget.kind,
+                          "entries": k, "target_entries": target_total, "target_modules": len(shapes)},
+                  num_score_examples=n_score if method.uses_salience else 0, scoring=ctx.scoring)
+    if prepared.mask:
+        logger.log_table("mask", ["module", "selected", "total", "density"],
+                         [[n, m["selected"], m["total"], m["selected"] / m["total"]] for n, m in prepared.mask.items()])
 
     # Evaluation order does not change a metric: sorting by length keeps padding to a minimum.
     by_length = lambda rows: sorted(rows, key=lambda r: len(r["input_ids"]))  # noqa: E731
@@ -174,7 +188,10 @@ def _execute(spec: Spec, task, metric, mask, method, logger, record: RunRecord, 
             logits, labels = predict(model, loaders[split], device)
             return {f"{split}/{k}": v for k, v in task.compute_metrics(logits, labels).items()}
 
-    validate_fn = (lambda step: evaluate("validation")) if "validation" in loaders else None
+    # Validation (every epoch or eval_every_steps) covers every evaluation split but the test split,
+    # which is evaluated once at the end.
+    periodic = [s for s in loaders if s != "test"]
+    validate_fn = (lambda step: {k: v for s in periodic for k, v in evaluate(s).items()}) if periodic else None
 
     # Dynamic masks re-score on fresh training examples: a seeded stream apart from the first sample.
     stream = example_stream(encoded["train"], spec.seed + 1)
@@ -197,17 +214,18 @@ def _execute(spec: Spec, task, metric, mask, method, logger, record: RunRecord, 
     if dynamic:
         record.update(mask_final={n: {"selected": m.values.numel(), "total": m.weight.numel()}
                                   for n, m in sparse_layers(model).items()})
-    if spec.method.save_adapter and sparse_layers(model):
-        save_adapter(model, Path(record.path).parent / "adapter", base_model=spec.model.name_or_path,
-                     base_package=spec.model.package, targets=sorted(sparse_layers(model)),
-                     metric=spec.metric.name, mask=spec.mask.name, density=str(spec.budget))
+    if spec.method.save_adapter:
+        method.save(model, Path(record.path).parent / "adapter", base_model=spec.model.name_or_path,
+                    base_package=spec.model.package, targets=sorted(targets), metric=spec.metric.name,
+                    mask=spec.mask.name, density=str(spec.budget))
 
     metrics = dict(state.history[-1]) if state.history else {}
     metrics.pop("step", None), metrics.pop("epoch", None)
-    for split in loaders:
-        if split != "validation":
-            metrics.update(evaluate(split))
-    logger.log(metrics, state.step)
-    record.update(metrics=metrics, history=state.history, mask_updates=state.mask_updates, train_steps=state.step)
+    if "test" in loaders:
+        metrics.update(evaluate("test"))
+    best = best_evaluation(state.history, task)
+    logger.log({**metrics, **{f"best/{k}": v for k, v in best.items()}}, state.step)
+    record.update(metrics=metrics, best_metrics=best, history=state.history, mask_updates=state.mask_updates,
+                  train_steps=state.step)
     log.info("metrics: %s", metrics)
     return metrics, model

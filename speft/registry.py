@@ -48,8 +48,9 @@ def register(group: str, name: str, schema: type | None = None, aliases: tuple[s
             if key in entries and entries[key].obj is not obj:
                 raise RuntimeError(f"{group} '{key}' is registered twice")
             entries[key] = entry
-        if schema is not None:
-            ConfigStore.instance().store(group=f"schema/{group}", name=name, node=schema)
+        if schema is not None:  # a nested name (glue/rte) becomes Hydra's nested group schema/task/glue
+            path, _, leaf = f"schema/{group}/{name}".rpartition("/")
+            ConfigStore.instance().store(group=path, name=leaf, node=schema)
         return obj
 
     return deco

@@ -16,7 +16,10 @@ import resource
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -26,6 +29,16 @@ import torch
 from speft.config import PROJECT_ROOT
 
 RESULTS_FILE = "results.json"
+
+
+@contextmanager
+def timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """Add the block's wall-clock seconds to ``timings[key]``."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

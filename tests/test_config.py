@@ -18,7 +18,14 @@ from speft.registry import ConfigError
 from .conftest import CONF, ROOT, compose_cfg
 
 GROUPS = ["model", "task", "method", "metric", "mask", "trainer", "logger", "debug"]
-OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
+
+
+def option_files(group: str) -> list[str]:
+    """Option names of a group's YAML files, nested ones included: conf/task/glue/rte.yaml -> glue/rte."""
+    return sorted(p.relative_to(CONF / group).with_suffix("").as_posix() for p in (CONF / group).rglob("*.yaml"))
+
+
+OPTIONS = [(g, o) for g in GROUPS for o in option_files(g)]
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
@@ -32,7 +39,7 @@ def test_every_option_composes_and_validates(group, option):
 
 @pytest.mark.parametrize("group", ["task", "method", "metric", "mask", "logger"])
 def test_registry_and_config_files_match(group):
-    files = {p.stem for p in (CONF / group).glob("*.yaml")}
+    files = set(option_files(group))
     assert files == set(registry.names(group)) | set(registry.aliases(group))
 
 
@@ -55,7 +62,7 @@ def _error(*overrides):
         ("trainer.batch_size=0", ["batch_size=0"]),
         ("mask.selection=everywhere", ["everywhere", "global", "local"]),
         ("logger.mode=loud", ["loud", "offline", "disabled"]),
-        ("method.name=lora", ["lora", "sparse"]),
+        ("method.name=qlora", ["qlora", "sparse", "lora"]),
         ("model.family=t5", ["t5", "bert", "llama"]),
         ("density=0", ["density=0", "fraction"]),
         ("density=2.0", ["density=2.0", "(0, 1]"]),
@@ -114,3 +121,25 @@ def test_cli_rejects_bad_config_quickly_and_writes_nothing(tmp_path, args, expec
     assert proc.returncode != 0
     assert expected in proc.stderr + proc.stdout
     assert not (tmp_path / "run").exists()  # rejected before Hydra creates the run folder
+
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_preset_composes_and_validates(name):
+    spec = validate(compose_cfg(f"experiment={name}"))
+    assert spec.seed == 42
+
+
+def test_the_study_glue_preset_has_its_hyperparameters():
+    spec = validate(compose_cfg("experiment=glue_opt350m"))
+    names = (spec.model.name, spec.method.name, spec.metric.name, spec.mask.name)
+    assert names == ("opt_350m", "sparse", "grad", "static")
+    assert spec.budget.resolve({f"l{i}.{p}": (1024, 1024) for i in range(24) for p in "qkv"}) == 1_179_648
+    t = spec.trainer
+    assert (t.lr, t.weight_decay, t.scheduler, t.warmup_ratio, t.batch_size, t.grad_accum_steps, t.epochs) == (
+        5e-5, 0.0, "linear", 0.0, 32, 2, 30)
+    assert spec.model.max_length == 196 and spec.method.targets == "qkv"
+    lora = validate(compose_cfg("experiment=glue_opt350m_lora")).method
+    assert (lora.name, lora.rank, lora.alpha, lora.dropout) == ("lora", 8, 8, 0.05)

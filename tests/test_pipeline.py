@@ -110,3 +110,18 @@ def test_wandb_offline_logs_config_curves_mask_and_summary(tmp_path, monkeypatch
     assert not missing and tables, (missing, tables)
     table = json.loads(tables[0].read_text())
     assert table["columns"] == ["module", "selected", "total", "density"] and len(table["data"]) == 24
+
+
+def test_wandb_auto_mode_is_online_only_with_credentials(monkeypatch, tmp_path):
+    from speft.loggers.wandb import resolve_mode
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert resolve_mode("auto") == "offline"
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai login user password " + "k" * 40 + "\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert resolve_mode("auto") == "online"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert resolve_mode("auto") == "offline"
+    assert resolve_mode("disabled") == "disabled" and resolve_mode("online") == "online"

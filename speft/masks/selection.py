@@ -1,9 +1,11 @@
 """Exact top-k selection of entries across (global) or within (local) target modules.
 
-The global top-k never concatenates the scores: a bisection over the float32 order finds the k-th
-largest score with one counting pass per step (extra memory: one module's scores), then every entry
-above it is kept and ties at it are filled in a fixed order (module order, then flat index), so the
-result is exactly k entries and deterministic. It equals concatenate-and-top-k with the same tie rule.
+The global top-k never concatenates the scores. A radix select over the float32 order finds the k-th
+largest score in four counting passes (8 bits each, a 256-bin histogram per pass), reading every
+module in fixed-size chunks, so the extra memory is a few chunk-sized buffers whatever the model
+size. Every entry above that score is kept and ties at it are filled in a fixed order (module order,
+then flat index), so the result is exactly k entries and deterministic; it equals
+concatenate-and-top-k with the same tie rule.
 """
 
 from __future__ import annotations
@@ -12,14 +14,22 @@ import torch
 
 from speft.registry import ConfigError
 
-_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+CHUNK = 1 << 20  # entries per chunk: bounds the temporary buffers (a few tens of MB) on any model
+_SIGN = 1 << 31
 
 
-def sortable_keys(scores: torch.Tensor) -> torch.Tensor:
-    """int32 keys in the same order as the float32 scores (IEEE-754 trick)."""
-    # + 0.0 turns -0.0 into 0.0 so the two zeros tie, as they compare equal
-    bits = (scores.detach().reshape(-1).to(torch.float32) + 0.0).view(torch.int32)
-    return torch.where(bits < 0, bits ^ _INT32_MAX, bits)
+def ordered_keys(scores: torch.Tensor) -> torch.Tensor:
+    """int64 keys in [0, 2^32) in the same order as the float32 scores (IEEE-754 trick).
+
+    -0.0 and 0.0 get the same key (they compare equal)."""
+    bits = (scores.detach().reshape(-1).to(torch.float32) + 0.0).view(torch.int32).to(torch.int64)
+    return torch.where(bits < 0, ~bits & 0xFFFFFFFF, bits | _SIGN)
+
+
+def _chunks(scores: torch.Tensor):
+    flat = scores.detach().reshape(-1)
+    for start in range(0, flat.numel(), CHUNK):
+        yield start, ordered_keys(flat[start : start + CHUNK])
 
 
 def _check(scores: dict[str, torch.Tensor], k: int) -> int:
@@ -33,29 +43,40 @@ def _check(scores: dict[str, torch.Tensor], k: int) -> int:
 
 
 def kth_largest_key(scores: dict[str, torch.Tensor], k: int) -> int:
-    """Largest key t with at least k entries whose key >= t."""
-    lo, hi = _INT32_MIN, _INT32_MAX  # count(>= lo) >= k always holds; search the largest such t
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        count = sum(int((sortable_keys(s) >= mid).sum()) for s in scores.values())
-        if count >= k:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+    """The key of the k-th largest score (radix select, most significant byte first)."""
+    prefix, rank = 0, k  # rank: position of the wanted key among entries sharing the prefix
+    for shift in (24, 16, 8, 0):
+        hist = None
+        for s in scores.values():
+            for _, keys in _chunks(s):
+                if shift < 24:
+                    keys = keys[(keys >> (shift + 8)) == prefix]
+                h = torch.bincount(((keys >> shift) & 0xFF).cpu(), minlength=256)
+                hist = h if hist is None else hist + h
+        above = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])  # above[d] = count of digits >= d
+        digit = int((above >= rank).nonzero().max())
+        rank -= int(above[digit + 1]) if digit < 255 else 0
+        prefix = (prefix << 8) | digit
+    return prefix
 
 
 def select_global(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
     """Flat indices (sorted, int64) of the k highest scores over all modules."""
     _check(scores, k)
     t = kth_largest_key(scores, k)
-    above = {n: (sortable_keys(s) > t).nonzero().flatten() for n, s in scores.items()}
+    above, ties = {}, {}
+    for name, s in scores.items():
+        a, e = [], []
+        for start, keys in _chunks(s):
+            a.append((keys > t).nonzero().flatten() + start)
+            e.append((keys == t).nonzero().flatten() + start)
+        above[name], ties[name] = torch.cat(a), torch.cat(e)
     remaining = k - sum(len(i) for i in above.values())
     out = {}
-    for name, s in scores.items():  # ties at t, filled in module order then index order
-        ties = (sortable_keys(s) == t).nonzero().flatten()[: max(remaining, 0)]
-        remaining -= len(ties)
-        out[name] = torch.sort(torch.cat([above[name], ties])).values
+    for name in scores:  # ties at t, filled in module order then index order
+        take = ties[name][: max(remaining, 0)]
+        remaining -= len(take)
+        out[name] = torch.sort(torch.cat([above[name], take])).values
     return out
 
 

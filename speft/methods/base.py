@@ -19,7 +19,7 @@ class MethodConfig:
     targets: str = "attention"  # target preset of the model family (see speft/models/families.py)
     target_regex: Optional[list[str]] = None  # module-name regexes; override `targets` when set
     train_head: bool = True  # train the task head too (its parameters are counted apart)
-    save_adapter: bool = True  # write the trained adapter to <run dir>/adapter (a few MB at most)
+    save_adapter: bool = True  # write the trained adapter to <run dir>/adapter (methods that have one)
 
 
 @dataclass
@@ -47,15 +47,22 @@ class Prepared:
 
     param_groups: list[dict]
     trainable: dict[str, int]  # e.g. {"sparse": 147456, "head": 770}
+    target_trainable: int = 0  # trainable entries attributable to the target modules (density's numerator)
     mask: dict[str, dict[str, int]] = field(default_factory=dict)  # module -> {"selected", "total"}
 
 
 class Method:
+    uses_salience = False  # True: the method scores, selects and uses the mask schedule
+
     def __init__(self, cfg: MethodConfig) -> None:
         self.cfg = cfg
 
     def prepare(self, ctx: PrepareContext, lr: float, head_lr: float) -> Prepared:
         raise NotImplementedError
+
+    def save(self, model: nn.Module, folder: Path, **info) -> bool:
+        """Save the trained adapter to ``folder``; False when the method has none (full, head_only)."""
+        return False
 
     def head_group(self, ctx: PrepareContext, head_lr: float) -> tuple[list[dict], int]:
         """Freeze or unfreeze the task head; its optimizer group (if trained) and parameter count."""
@@ -70,21 +77,6 @@ class Method:
 def freeze_all(model: nn.Module) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
-
-
-def timed(timings: dict[str, float], key: str):
-    import time
-    from contextlib import contextmanager
-
-    @contextmanager
-    def _cm():
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
-
-    return _cm()
 
 
 def count(params: Iterable[torch.Tensor]) -> int:

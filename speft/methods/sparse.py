@@ -6,10 +6,12 @@ import logging
 from dataclasses import dataclass
 
 from speft.config import check, check_positive
-from speft.methods.base import Method, MethodConfig, PrepareContext, Prepared, freeze_all, timed
+from speft.methods.base import Method, MethodConfig, PrepareContext, Prepared, freeze_all
 from speft.registry import register
+from speft.results import timed
 from speft.salience.base import ScoreContext
 from speft.salience.cache import compute_scores
+from speft.sparse.io import save_adapter
 from speft.sparse.layer import inject
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,11 @@ class SparseMethodConfig(MethodConfig):
 
 @register("method", "sparse", schema=SparseMethodConfig)
 class Sparse(Method):
+    uses_salience = True
+
+    def save(self, model, folder, **info) -> bool:
+        save_adapter(model, folder, **info)
+        return True
     def prepare(self, ctx: PrepareContext, lr: float, head_lr: float) -> Prepared:
         with timed(ctx.timings, "scoring_s"):
             score_ctx = ScoreContext(ctx.model, ctx.targets, ctx.score_batches, ctx.num_score_examples, ctx.seed)
@@ -49,5 +56,6 @@ class Sparse(Method):
         return Prepared(
             param_groups=[{"params": values, "lr": lr, "name": "sparse"}, *head_groups],
             trainable={"sparse": n_sparse, "head": n_head},
+            target_trainable=n_sparse,
             mask=mask,
         )

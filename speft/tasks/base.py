@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from speft.config import check_positive, min_set
@@ -13,11 +15,15 @@ from speft.config import check_positive, min_set
 @dataclass
 class TaskConfig:
     name: str = "???"  # the option's name, the same as its YAML file
-    max_train_examples: Optional[int] = None  # take the first N training examples (after the seeded split)
+    max_train_examples: Optional[int] = None  # take N training examples: the first N, or a seeded N (subset_seed)
     max_eval_examples: Optional[int] = None  # take the first N examples of each evaluation split
+    # A cap on train (task or debug) takes the first N rows in file order; with a seed, the first N of a
+    # seeded shuffle: a fixed random subset, the same for every run seed (and nested as N grows).
+    subset_seed: Optional[int] = None
+    max_length: Optional[int] = None  # tokens per example after truncation; null = model.max_length
 
     def __post_init__(self) -> None:
-        check_positive(self, "task", "max_train_examples", "max_eval_examples")
+        check_positive(self, "task", "max_train_examples", "max_eval_examples", "max_length")
 
 
 class DataError(ValueError):
@@ -31,6 +37,7 @@ class ClassificationTask:
     text_fields: tuple[str, ...] = ("text",)
     label_names: tuple[str, ...] = ()
     eval_splits: tuple[str, ...] = ("validation", "test")
+    validation_split = "validation"  # evaluated during training; its main_metric picks the best evaluation
     main_metric = "accuracy"
 
     def __init__(self, cfg: TaskConfig, data_dir: Any = None) -> None:
@@ -50,6 +57,10 @@ class ClassificationTask:
         for name, rows in out.items():
             if name == "train":
                 cap = min_set(self.cfg.max_train_examples, max_train)
+                if cap is not None and cap < len(rows) and self.cfg.subset_seed is not None:
+                    order = list(range(len(rows)))
+                    random.Random(self.cfg.subset_seed).shuffle(order)
+                    rows = [rows[i] for i in order[:cap]]
             else:
                 cap = min_set(self.cfg.max_eval_examples, max_eval)
             if cap is not None:
@@ -57,11 +68,64 @@ class ClassificationTask:
         return out
 
     def encode(self, tokenizer, rows: list[dict], max_length: int) -> list[dict]:
+        """Tokenise; ``task.max_length``, when set, overrides the ``max_length`` passed in (the model's)."""
+        max_length = self.cfg.max_length or max_length
         texts = [[r[f] for r in rows] for f in self.text_fields]
         enc = tokenizer(*texts, truncation=True, max_length=max_length)
         return [{**{k: v[i] for k, v in enc.items()}, "labels": rows[i]["label"]} for i in range(len(rows))]
 
     def compute_metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        preds = logits.argmax(-1)
-        return {"accuracy": (preds == labels).double().mean().item()}
+        return {"accuracy": accuracy(logits.argmax(-1), labels)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics with their official definitions (GLUE: scikit-learn and scipy, as the reference scripts).
+# Inputs: 1-D tensors or arrays of predictions and gold labels (class ids, or scores for regression).
+
+
+def _np(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def accuracy(preds: Any, labels: Any) -> float:
+    preds, labels = _np(preds), _np(labels)
+    return float((preds == labels).mean())
+
+
+def f1(preds: Any, labels: Any) -> float:
+    """F1 of the positive class (label 1), as GLUE's MRPC and QQP; 0.0 when it is never predicted nor gold."""
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(_np(labels), _np(preds), pos_label=1, average="binary", zero_division=0.0))
+
+
+def matthews_correlation(preds: Any, labels: Any) -> float:
+    """Matthews correlation (CoLA); scikit-learn returns 0.0 when predictions or labels are constant."""
+    from sklearn.metrics import matthews_corrcoef
+
+    return float(matthews_corrcoef(_np(labels), _np(preds)))
+
+
+def _correlation(fn, preds: Any, labels: Any) -> float:
+    """scipy's coefficient; NaN when it is undefined (a constant input, or fewer than two examples)."""
+    preds, labels = _np(preds).astype(np.float64), _np(labels).astype(np.float64)
+    if preds.size < 2 or np.all(preds == preds[0]) or np.all(labels == labels[0]):
+        return float("nan")
+    return float(fn(preds, labels)[0])
+
+
+def pearson(preds: Any, labels: Any) -> float:
+    from scipy.stats import pearsonr
+
+    return _correlation(pearsonr, preds, labels)
+
+
+def spearman(preds: Any, labels: Any) -> float:
+    from scipy.stats import spearmanr
+
+    return _correlation(spearmanr, preds, labels)
+
+
+METRICS = {"accuracy": accuracy, "f1": f1, "matthews_correlation": matthews_correlation,
+           "pearson": pearson, "spearman": spearman}
 

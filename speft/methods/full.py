@@ -1,0 +1,28 @@
+"""``full``: full fine-tuning, every parameter of the model trained (the upper-cost reference)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from speft.methods.base import Method, MethodConfig, PrepareContext, Prepared
+from speft.models.loading import head_parameters
+from speft.registry import register
+
+
+@dataclass
+class FullMethodConfig(MethodConfig):
+    name: str = "full"
+
+
+@register("method", "full", schema=FullMethodConfig)
+class Full(Method):
+    def prepare(self, ctx: PrepareContext, lr: float, head_lr: float) -> Prepared:
+        head = set(map(id, head_parameters(ctx.model, ctx.family).values()))
+        body = [p for p in ctx.model.parameters() if id(p) not in head]
+        for p in body:
+            p.requires_grad_(True)
+        head_groups, n_head = self.head_group(ctx, head_lr)
+        target_entries = sum(m.weight.numel() for m in ctx.targets.values())
+        return Prepared(param_groups=[{"params": body, "lr": lr, "name": "body"}, *head_groups],
+                        trainable={"body": sum(p.numel() for p in body), "head": n_head},
+                        target_trainable=target_entries)
