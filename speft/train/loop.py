@@ -81,7 +81,7 @@ def train(
         for batch in loader:
             loss = model(**move(batch, device)).loss
             (loss / cfg.grad_accum_steps).backward()
-            running += loss.item()
+            running += loss.detach()  # no device sync per step; read out when logging
             n_running += 1
             micro += 1
             if micro % cfg.grad_accum_steps:
@@ -101,7 +101,7 @@ def train(
                     on_log({f"mask/{k}": v for k, v in record.items() if k not in ("step", "kind")}, state.step)
             bar.update(1)
             if state.step % cfg.log_every_steps == 0 or state.step == steps:
-                record = {"train/loss": running / n_running, "train/lr": scheduler.get_last_lr()[0],
+                record = {"train/loss": float(running) / n_running, "train/lr": scheduler.get_last_lr()[0],
                           "train/epoch": state.epoch,
                           "train/steps_per_s": cfg.log_every_steps / max(time.perf_counter() - t0, 1e-9)}
                 bar.set_postfix(loss=f"{record['train/loss']:.4f}")
