@@ -143,6 +143,9 @@ class RunConfig:
     # Trainable entries: a fraction in (0, 1], an integer count, or "lora:<r>".
     density: Any = "lora:8"
     seed: int = 42
+    # A run whose folder already holds a completed results.json of the same config returns that
+    # result instead of training again (re-launching a sweep finishes only what is missing).
+    skip_completed: bool = False
 
 
 cs = ConfigStore.instance()
@@ -226,6 +229,7 @@ class Spec:
     paths: PathsConfig
     budget: Budget
     seed: int
+    skip_completed: bool
     raw: DictConfig  # the composed config, for logging
 
     def resolved(self) -> dict:
@@ -238,7 +242,7 @@ def validate(cfg: DictConfig) -> Spec:
     for f in fields(RunConfig):
         node = cfg.get(f.name) if f.name in cfg else None
         if node is None or (isinstance(node, DictConfig) and node._is_missing()):
-            if f.name in ("density", "seed"):
+            if f.name in ("density", "seed", "skip_completed"):
                 continue
             raise ConfigError(f"Config group '{f.name}' is not set. Available: {', '.join(option_names(f.name))}")
         if f.name in COMPONENT_GROUPS:
@@ -256,9 +260,11 @@ def validate(cfg: DictConfig) -> Spec:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"Invalid value in '{f.name}': {e}") from None
     check(isinstance(cfg.get("seed"), int), f"seed={cfg.get('seed')!r} must be an integer")
+    skip = cfg.get("skip_completed", False)
+    check(isinstance(skip, bool), f"skip_completed={skip!r} must be true or false")
     budget = Budget.parse(cfg.get("density"))
-    return Spec(budget=budget, seed=int(cfg.seed), raw=cfg, **{k: v for k, v in parts.items()
-                                                               if k not in ("density", "seed")})
+    return Spec(budget=budget, seed=int(cfg.seed), skip_completed=skip, raw=cfg,
+                **{k: v for k, v in parts.items() if k not in ("density", "seed", "skip_completed")})
 
 
 def option_names(group: str) -> list[str]:
@@ -270,7 +276,8 @@ class ValidateCallback(Callback):
     """Hydra callback: validate before Hydra creates output directories or launches jobs.
 
     A single run is checked completely (values, target modules and budget on a meta-device model);
-    it also refuses a run folder that already holds a completed result, which it would overwrite.
+    it also refuses a run folder that already holds a completed result, which it would overwrite
+    (unless ``skip_completed=true``: the run then returns that result, see ``pipeline.reusable_result``).
     Hydra turns exceptions raised by callbacks into warnings, so a bad config ends the process with
     ``SystemExit`` (exit status 1, the message on stderr, no traceback).
     """
@@ -282,9 +289,9 @@ class ValidateCallback(Callback):
         def checks() -> None:
             plan_spec(validate(config))
             run_dir = Path(config.hydra.run.dir)
-            if completed_result(run_dir):
-                raise ConfigError(f"{run_dir} already holds a completed results.json; "
-                                  f"choose another hydra.run.dir or move that result away")
+            if completed_result(run_dir) and not config.get("skip_completed", False):
+                raise ConfigError(f"{run_dir} already holds a completed results.json; add "
+                                  f"skip_completed=true to keep it, or choose another hydra.run.dir")
 
         _exit_on_error(checks)
 

@@ -23,7 +23,7 @@ from speft.masks.base import MaskRuntime
 from speft.methods.base import PrepareContext, count
 from speft.models.loading import build_meta_model, find_targets, load_model, load_tokenizer, target_shapes
 from speft.registry import ConfigError
-from speft.results import RunRecord, timed
+from speft.results import RunRecord, read_result, timed
 from speft.salience.base import ScoreContext
 from speft.sparse.layer import sparse_layers
 from speft.train.loop import move, predict, train
@@ -95,6 +95,10 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", sweep_dir: str | 
     metric, mask, method = classes["metric"](spec.metric), classes["mask"](spec.mask), classes["method"](spec.method)
     logger = classes["logger"](spec.logger)
     config = spec.resolved()
+    previous = reusable_result(run_dir, config, spec.skip_completed)
+    if previous is not None:
+        log.info("%s holds a completed result of this config; skipped (skip_completed=true)", run_dir)
+        return RunResult(metrics=previous["metrics"], results=previous, model=None)
 
     record = RunRecord(run_dir, config, spec.seed)
     timings: dict[str, float] = {}
@@ -117,11 +121,30 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", sweep_dir: str | 
         raise
 
 
+def reusable_result(run_dir: Path, config: dict, skip_completed: bool) -> dict | None:
+    """A completed result already in ``run_dir``: returned when ``skip_completed`` and its config is
+    this one; otherwise an error, since running would overwrite it. None when there is none."""
+    previous = read_result(run_dir)
+    if previous is None or previous.get("status") != "completed":
+        return None  # nothing there, or a failed or interrupted run: run (again)
+    strip = lambda c: {k: v for k, v in c.items() if k != "skip_completed"}  # noqa: E731
+    if not skip_completed:
+        raise ConfigError(f"{run_dir} already holds a completed results.json; add skip_completed=true to "
+                          f"keep it and skip this run, or choose another output folder")
+    if strip(previous.get("config") or {}) != strip(config):
+        changed = sorted(k for k in set(config) | set(previous.get("config") or {})
+                         if k != "skip_completed" and (previous.get("config") or {}).get(k) != config.get(k))
+        raise ConfigError(f"{run_dir} holds a completed result of a different config (differs in: "
+                          f"{', '.join(changed)}); it is kept. Re-launch the sweep with the same overrides "
+                          f"or choose another hydra.sweep.dir")
+    return previous
+
+
 @dataclass
 class RunResult:
     metrics: dict[str, float]
     results: dict  # the content of results.json
-    model: torch.nn.Module  # the fine-tuned model, sparse layers still in place
+    model: torch.nn.Module | None  # the fine-tuned model, sparse layers in place (None: a skipped run)
 
 
 def _execute(spec: Spec, task, metric, mask, method, logger, record: RunRecord, timings, k, shapes):

@@ -64,12 +64,17 @@ def _jsonable(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def completed_result(run_dir: Path) -> bool:
-    path = Path(run_dir) / RESULTS_FILE
+def read_result(run_dir: Path) -> dict | None:
+    """The ``results.json`` in ``run_dir``, or None when there is none or it cannot be read."""
     try:
-        return json.loads(path.read_text()).get("status") == "completed"
-    except (OSError, ValueError, AttributeError):
-        return False
+        data = json.loads((Path(run_dir) / RESULTS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def completed_result(run_dir: Path) -> bool:
+    return (read_result(run_dir) or {}).get("status") == "completed"
 
 
 def versions() -> dict[str, str]:
