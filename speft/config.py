@@ -74,7 +74,7 @@ class ModelConfig:
 class TrainerConfig:
     name: str = MISSING  # the option's name, the same as its YAML file
     epochs: float = 1.0  # passes over the training split (fractions allowed)
-    max_steps: Optional[int] = None  # optimizer steps; overrides epochs when set
+    max_steps: Optional[int] = None  # optimizer steps; overrides epochs when set (0: evaluate as loaded)
     batch_size: int = 32  # examples per forward pass
     grad_accum_steps: int = 1  # forward passes per optimizer step
     eval_batch_size: int = 128  # no activations kept, so larger than training
@@ -89,9 +89,11 @@ class TrainerConfig:
     eval_every_steps: Optional[int] = None  # validation period; null = once per epoch
     device: str = "auto"  # auto = cuda when available, else cpu
     num_threads: Optional[int] = None  # torch CPU threads; null = torch's default (all cores)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30 % more time
 
     def __post_init__(self) -> None:
-        check_positive(self, "trainer", "epochs", "max_steps", "batch_size", "grad_accum_steps")
+        check_positive(self, "trainer", "epochs", "batch_size", "grad_accum_steps")
+        check_positive(self, "trainer", "max_steps", allow_zero=True)
         check_positive(self, "trainer", "eval_batch_size", "lr", "head_lr", "log_every_steps")
         check_positive(self, "trainer", "eval_every_steps", "max_grad_norm", "num_threads")
         check_positive(self, "trainer", "weight_decay", allow_zero=True)
@@ -110,10 +112,13 @@ class DebugConfig:
     max_train_examples: Optional[int] = None  # cap on the training split
     max_eval_examples: Optional[int] = None  # cap on every evaluation split
     max_score_examples: Optional[int] = None  # cap on the salience metric's examples
+    max_generate_examples: Optional[int] = None  # cap on examples evaluated by generation (GSM8K)
+    max_new_tokens: Optional[int] = None  # cap on generated tokens per example
 
     def __post_init__(self) -> None:
         check_positive(self, "debug", "max_train_steps", "max_train_examples")
         check_positive(self, "debug", "max_eval_examples", "max_score_examples")
+        check_positive(self, "debug", "max_generate_examples", "max_new_tokens")
 
 
 @dataclass

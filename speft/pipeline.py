@@ -44,6 +44,9 @@ def plan(spec: Spec, task) -> tuple[dict[str, tuple[int, int]], int | None]:
     if mask_cls.dynamic and not method_cls.uses_salience:
         raise ConfigError(f"mask={spec.mask.name} changes a sparse mask during training; method="
                           f"{spec.method.name} has none. Use mask=static or method=sparse")
+    if not task.new_head and getattr(method_cls, "head_only", False):
+        raise ConfigError(f"method={spec.method.name} trains only a new task head; task={spec.task.name} keeps "
+                          f"its pretrained LM head, so nothing would train. Use another method")
     meta = build_meta_model(spec.model, task.head, task.num_labels, spec.paths.resolve("cache_dir"))
     shapes = target_shapes(find_targets(meta, spec.model.family, spec.method.targets, spec.method.target_regex))
     return shapes, spec.budget.resolve(shapes) if method_cls.uses_salience else None
@@ -148,7 +151,7 @@ class RunResult:
 
 
 def _execute(spec: Spec, task, metric, mask, method, logger, record: RunRecord, timings, k, shapes):
-    from transformers import DataCollatorWithPadding, set_seed
+    from transformers import set_seed
 
     tcfg, dbg = spec.trainer, spec.debug
     if tcfg.num_threads:
@@ -157,13 +160,18 @@ def _execute(spec: Spec, task, metric, mask, method, logger, record: RunRecord, 
     device = device_for(tcfg.device)
 
     with timed(timings, "data_s"):
-        splits = task.splits(max_train=dbg.max_train_examples, max_eval=dbg.max_eval_examples)
+        splits = task.splits(max_train=dbg.max_train_examples, max_eval=dbg.max_eval_examples,
+                             max_generate=dbg.max_generate_examples)
     with timed(timings, "model_load_s"):
         tokenizer = load_tokenizer(spec.model, spec.paths.resolve("cache_dir"))
         model = load_model(spec.model, task.head, task.num_labels, spec.paths.resolve("cache_dir")).to(device)
     with timed(timings, "data_s"):
-        encoded = {name: task.encode(tokenizer, rows, spec.model.max_length) for name, rows in splits.items()}
-    collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+        # Generative tasks evaluate raw rows with their own evaluator; only training examples are encoded.
+        encoded = {name: task.encode(tokenizer, rows, spec.model.max_length) for name, rows in splits.items()
+                   if name == "train" or not task.generative}
+    collate = task.collator(tokenizer)
+    if tcfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     targets = find_targets(model, spec.model.family, spec.method.targets, spec.method.target_regex)
     total_params = count(model.parameters())
 
@@ -182,10 +190,12 @@ def _execute(spec: Spec, task, metric, mask, method, logger, record: RunRecord, 
     head_lr = tcfg.head_lr or tcfg.lr
     ctx = PrepareContext(model=model, targets=targets, family=spec.model.family, budget=k, metric=metric, mask=mask,
                          score_batches=score_batches, num_score_examples=n_score, seed=spec.seed, timings=timings,
-                         score_cache_dir=spec.paths.resolve("cache_dir"),
+                         score_cache_dir=spec.paths.resolve("cache_dir"), new_head=task.new_head,
                          score_key={"model": asdict(spec.model), "task": asdict(spec.task), "split": "train",
                                     "train_examples": len(encoded["train"]), "batch_size": score_bs,
                                     "max_train_examples": dbg.max_train_examples})
+    if tcfg.max_steps == 0 and method.uses_salience:
+        log.info("trainer.max_steps=0: the sparse delta is selected but stays zero (the model as loaded)")
     prepared = method.prepare(ctx, tcfg.lr, head_lr)
     trainable = sum(prepared.trainable.values())
     target_total = sum(o * i for o, i in shapes.values())
@@ -205,15 +215,23 @@ def _execute(spec: Spec, task, metric, mask, method, logger, record: RunRecord, 
         for name, rows in encoded.items() if name in task.eval_splits
     }
     train_loader = train_dataloader(encoded["train"], tcfg, collate, spec.seed)
+    eval_names = [s for s in task.eval_splits if s in splits]
+    throughput: dict[str, dict] = {}
 
     def evaluate(split: str) -> dict[str, float]:
         with timed(timings, "evaluation_s"):
-            logits, labels = predict(model, loaders[split], device)
-            return {f"{split}/{k}": v for k, v in task.compute_metrics(logits, labels).items()}
+            if task.generative:  # lm-evaluation-harness protocols (speft.evaluation)
+                metrics, throughput[split] = task.evaluate(split, model, tokenizer, splits[split], device=device,
+                                                           out_dir=Path(record.path).parent,
+                                                           max_new_tokens=dbg.max_new_tokens)
+            else:
+                logits, labels = predict(model, loaders[split], device)
+                metrics = task.compute_metrics(logits, labels)
+            return {f"{split}/{k}": v for k, v in metrics.items()}
 
     # Validation (every epoch or eval_every_steps) covers every evaluation split but the test split,
     # which is evaluated once at the end.
-    periodic = [s for s in loaders if s != "test"]
+    periodic = [s for s in eval_names if s != "test"]
     validate_fn = (lambda step: {k: v for s in periodic for k, v in evaluate(s).items()}) if periodic else None
 
     # Dynamic masks re-score on fresh training examples: a seeded stream apart from the first sample.
@@ -244,11 +262,12 @@ def _execute(spec: Spec, task, metric, mask, method, logger, record: RunRecord, 
 
     metrics = dict(state.history[-1]) if state.history else {}
     metrics.pop("step", None), metrics.pop("epoch", None)
-    if "test" in loaders:
+    if "test" in eval_names:
         metrics.update(evaluate("test"))
     best = best_evaluation(state.history, task)
     logger.log({**metrics, **{f"best/{k}": v for k, v in best.items()}}, state.step)
     record.update(metrics=metrics, best_metrics=best, history=state.history, mask_updates=state.mask_updates,
-                  train_steps=state.step)
+                  train_steps=state.step, main_metric=f"{task.validation_split}/{task.main_metric}",
+                  **({"evaluation": throughput} if throughput else {}))
     log.info("metrics: %s", metrics)
     return metrics, model

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
-from speft.analysis.overlap import compare, load_input, main, ranks, spearman
+from speft.analysis.overlap import compare, load_input, main, matrices, ranks, read_json, spearman
 from speft.salience.cache import save
 
 
@@ -53,3 +54,26 @@ def test_cli_reads_score_files_and_run_folders(tmp_path, capsys):
     main(["--density", "10", "--selection", "local", str(tmp_path / "grad-0.safetensors"), str(run)])
     out = capsys.readouterr().out
     assert "| grad | snip | 0.3333 | 0.0000 | -1.0000 |" in out and "10 entries" in out
+
+
+def test_json_output_holds_the_matrices(tmp_path, capsys):
+    a, b = crafted()
+    c = {"m1": torch.ones(4, 5), "m2": torch.ones(5, 4)}  # constant scores: Spearman undefined (NaN -> null)
+    key = lambda name: json.dumps({"metric": {"name": name}})  # noqa: E731
+    for name, scores in (("grad", a), ("snip", b), ("magnitude", c)):
+        save(tmp_path / f"{name}-0.safetensors", scores, key(name))
+    files = [str(tmp_path / f"{n}-0.safetensors") for n in ("grad", "snip", "magnitude")]
+    main(["--density", "10", "--selection", "local", "--json", str(tmp_path / "out" / "overlap.json"), *files])
+    assert "| grad | snip | 0.3333 | 0.0000 | -1.0000 |" in capsys.readouterr().out  # the table is unchanged
+    raw = json.loads((tmp_path / "out" / "overlap.json").read_text())
+    assert raw["labels"] == ["grad", "snip", "magnitude"] and raw["k"] == 10 and raw["selection"] == "local"
+    assert raw["sources"] == files and len(raw["pairs"]) == 3 and raw["spearman_mean"][0][2] is None
+    record = read_json(tmp_path / "out" / "overlap.json")
+    iou = record["iou"]
+    assert iou[0][1] == iou[1][0] == pytest.approx(5 / 15) and [iou[i][i] for i in range(3)] == [1.0] * 3
+    assert record["spearman_min"][0][1] == pytest.approx(-1.0) and math.isnan(record["spearman_mean"][2][0])
+    m = matrices(["x", "y"], [{"a": "y", "b": "x", "iou": 0.5, "spearman_mean": 0.1, "spearman_min": 0.0}])
+    assert m["iou"] == [[1.0, 0.5], [0.5, 1.0]]
+    with pytest.raises(ValueError, match="not an overlap JSON"):
+        (tmp_path / "bad.json").write_text("{}")
+        read_json(tmp_path / "bad.json")

@@ -1,6 +1,6 @@
 """How much do salience metrics agree? Pairwise overlap of their selected sets and rank correlation.
 
-    python -m speft.analysis.overlap --density 0.01 [--selection global|local] INPUT [INPUT ...]
+    python -m speft.analysis.overlap --density 0.01 [--selection global|local] [--json PATH] INPUT [INPUT ...]
 
 Each INPUT is a run folder (its ``results.json`` names the score file in ``scoring.path``; runs with
 ``metric.cache=false`` have none) or a score file from the cache (``<cache_dir>/scores/*.safetensors``).
@@ -11,6 +11,9 @@ All inputs must score the same target modules. For every pair the command prints
   the same exact, deterministic selection as training);
 * Spearman ρ: per target module, the Pearson correlation of the scores' ranks (ties get their
   average rank), then the mean and the minimum over modules.
+
+``--json PATH`` also writes the pairs and the full label × label matrices (:func:`matrices`), a few
+hundred bytes that rebuild the IoU figure (``speft.report.figures.overlap_heatmap``) without the scores.
 """
 
 from __future__ import annotations
@@ -127,18 +130,81 @@ def unique_labels(inputs: list[tuple[str, Scores]]) -> list[tuple[str, Scores]]:
     return out
 
 
+def matrices(labels: list[str], rows: list[dict]) -> dict[str, list[list[float]]]:
+    """Symmetric label × label matrices of ``compare``'s rows: ``iou``, ``spearman_mean``, ``spearman_min``
+    (1 on the diagonal: a metric against itself)."""
+    n = len(labels)
+    index = {label: i for i, label in enumerate(labels)}
+    out = {key: [[1.0 if i == j else float("nan") for j in range(n)] for i in range(n)]
+           for key in ("iou", "spearman_mean", "spearman_min")}
+    for r in rows:
+        i, j = index[r["a"]], index[r["b"]]
+        for key, m in out.items():
+            m[i][j] = m[j][i] = r[key]
+    return out
+
+
+def overlap_record(inputs: list[tuple[str, Scores]], density, selection: str = "global",
+                   sources: list[str] | None = None) -> dict:
+    """Everything the ``--json`` file holds: the settings, the budget ``k``, the labels, the pairs and the
+    matrices. ``sources`` names where each input came from (run folders or score files)."""
+    k, rows = compare(inputs, density, selection)
+    labels = [label for label, _ in inputs]
+    record = {"density": str(density), "selection": selection, "k": k, "labels": labels,
+              **matrices(labels, rows), "pairs": rows}
+    if sources is not None:
+        record["sources"] = [str(s) for s in sources]
+    return record
+
+
+def _json_safe(x):
+    """NaN (a constant score tensor's ρ) as null: strict JSON."""
+    if isinstance(x, float) and x != x:
+        return None
+    if isinstance(x, list):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    return x
+
+
+def write_json(path: Path, record: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_json_safe(record), indent=1) + "\n")
+
+
+def read_json(path: Path) -> dict:
+    """A file written by ``--json``; null entries come back as NaN."""
+    record = json.loads(Path(path).read_text())
+    missing = [k for k in ("labels", "iou") if k not in record]
+    if missing:
+        raise ValueError(f"{path}: not an overlap JSON (python -m speft.analysis.overlap --json); "
+                         f"it lacks {', '.join(missing)}")
+    for key in ("iou", "spearman_mean", "spearman_min"):
+        if key in record:
+            record[key] = [[float("nan") if v is None else v for v in row] for row in record[key]]
+    return record
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m speft.analysis.overlap", description=__doc__.split("\n")[0])
     parser.add_argument("inputs", nargs="+", type=Path, help="run folders or score files (.safetensors)")
     parser.add_argument("--density", default="0.01", help="fraction, count or lora:<r> (default 0.01)")
     parser.add_argument("--selection", default="global", choices=sorted(SELECTIONS))
+    parser.add_argument("--json", type=Path, metavar="PATH",
+                        help="also write the pairs and the label x label IoU and Spearman matrices as JSON")
     args = parser.parse_args(argv)
     if len(args.inputs) < 2:
         parser.error("give at least two inputs")
     inputs = unique_labels([load_input(p) for p in args.inputs])
-    k, rows = compare(inputs, parse_density(args.density), args.selection)
+    record = overlap_record(inputs, parse_density(args.density), args.selection, sources=args.inputs)
+    k, rows = record["k"], record["pairs"]
     print(f"density {args.density} ({k:,} entries), {args.selection} selection, {len(inputs)} inputs\n")
     print(table(rows))
+    if args.json:
+        write_json(args.json, record)
+        print(f"\nwrote {args.json}")
 
 
 if __name__ == "__main__":

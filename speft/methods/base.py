@@ -18,7 +18,7 @@ class MethodConfig:
     name: str = "???"  # the option's name, the same as its YAML file
     targets: str = "attention"  # target preset of the model family (see speft/models/families.py)
     target_regex: Optional[list[str]] = None  # module-name regexes; override `targets` when set
-    train_head: bool = True  # train the task head too (its parameters are counted apart)
+    train_head: bool = True  # train a new task head too (counted apart); a causal LM's pretrained head stays frozen
     save_adapter: bool = True  # write the trained adapter to <run dir>/adapter (methods that have one)
 
 
@@ -39,6 +39,7 @@ class PrepareContext:
     score_cache_dir: Optional[Path] = None  # folder of the score cache; None = no caching
     score_key: dict[str, Any] = field(default_factory=dict)  # model, task and data facts that key the cache
     scoring: dict[str, Any] = field(default_factory=dict)  # filled by prepare: cache, path, examples, peak memory
+    new_head: bool = True  # False: the head is pretrained (a causal LM's lm_head) and stays frozen
 
 
 @dataclass
@@ -66,6 +67,8 @@ class Method:
 
     def head_group(self, ctx: PrepareContext, head_lr: float) -> tuple[list[dict], int]:
         """Freeze or unfreeze the task head; its optimizer group (if trained) and parameter count."""
+        if not ctx.new_head:
+            return [], 0  # a pretrained head (causal LM) is part of the model: the method treats it as such
         params = list(head_parameters(ctx.model, ctx.family).values())
         for p in params:
             p.requires_grad_(self.cfg.train_head)

@@ -17,7 +17,8 @@ class FullMethodConfig(MethodConfig):
 @register("method", "full", schema=FullMethodConfig)
 class Full(Method):
     def prepare(self, ctx: PrepareContext, lr: float, head_lr: float) -> Prepared:
-        head = set(map(id, head_parameters(ctx.model, ctx.family).values()))
+        # A new task head trains apart (its own lr); a pretrained LM head is part of the body.
+        head = set(map(id, head_parameters(ctx.model, ctx.family).values())) if ctx.new_head else set()
         body = [p for p in ctx.model.parameters() if id(p) not in head]
         for p in body:
             p.requires_grad_(True)

@@ -19,6 +19,8 @@ class HeadOnlyMethodConfig(MethodConfig):
 
 @register("method", "head_only", schema=HeadOnlyMethodConfig)
 class HeadOnly(Method):
+    head_only = True  # trains nothing but a new task head
+
     def prepare(self, ctx: PrepareContext, lr: float, head_lr: float) -> Prepared:
         freeze_all(ctx.model)
         head_groups, n_head = self.head_group(ctx, head_lr)

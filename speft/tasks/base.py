@@ -34,6 +34,8 @@ class ClassificationTask:
     """Single-text or text-pair classification."""
 
     head = "seq_cls"  # model head, see speft.models.loading.auto_class
+    new_head = True  # the head is created for the task (trained unless method.train_head=false)
+    generative = False  # True: evaluated by the task's own evaluate(), not by logits over labels
     text_fields: tuple[str, ...] = ("text",)
     label_names: tuple[str, ...] = ()
     eval_splits: tuple[str, ...] = ("validation", "test")
@@ -52,7 +54,9 @@ class ClassificationTask:
         """Every split as a list of ``{<text fields>..., "label": int}``."""
         raise NotImplementedError
 
-    def splits(self, max_train: int | None = None, max_eval: int | None = None) -> dict[str, list[dict]]:
+    def splits(self, max_train: int | None = None, max_eval: int | None = None,
+               max_generate: int | None = None) -> dict[str, list[dict]]:
+        """The splits, capped (``max_generate`` concerns generation-evaluated tasks only)."""
         out = self.load_splits()
         for name, rows in out.items():
             if name == "train":
@@ -73,6 +77,12 @@ class ClassificationTask:
         texts = [[r[f] for r in rows] for f in self.text_fields]
         enc = tokenizer(*texts, truncation=True, max_length=max_length)
         return [{**{k: v[i] for k, v in enc.items()}, "labels": rows[i]["label"]} for i in range(len(rows))]
+
+    def collator(self, tokenizer):
+        """Batches of encoded examples, padded to the longest."""
+        from transformers import DataCollatorWithPadding
+
+        return DataCollatorWithPadding(tokenizer, return_tensors="pt")
 
     def compute_metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         return {"accuracy": accuracy(logits.argmax(-1), labels)}

@@ -28,6 +28,8 @@ class TrainState:
 
 
 def total_steps(cfg: TrainerConfig, batches_per_epoch: int, cap: int | None) -> int:
+    if cfg.max_steps == 0:
+        return 0  # evaluate the model as loaded (zero-shot)
     steps = cfg.max_steps or math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum_steps)
     return max(1, min(steps, cap) if cap else steps)
 
@@ -72,6 +74,8 @@ def train(
     if on_start is not None:
         on_start(optimizer, steps)
     state = TrainState()
+    if steps == 0:
+        return state
     eval_every = cfg.eval_every_steps or max(1, len(loader) // cfg.grad_accum_steps)
     model.train()
     bar = tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True)

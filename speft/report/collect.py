@@ -1,0 +1,320 @@
+"""Gather runs into one pandas DataFrame: one row per run, the same columns from results.json or W&B.
+
+Columns (``available_keys`` lists those present):
+
+* every config value under its dotted key: ``task.name``, ``method.name``, ``metric.name``, ``mask.name``,
+  ``mask.selection``, ``density`` (the budget as configured, e.g. ``lora:8``), ``seed``, ``model.name``...
+* derived: ``budget`` (comparable across methods: ``density`` for salience methods, ``lora:<rank>`` for the
+  LoRA family, none for full and head_only), ``trainable_fraction`` (results.json's ``density``: the trainable
+  fraction of the target entries), ``trainable_params``, ``total_params``, ``main_metric`` (the task's main
+  validation key, e.g. ``validation/accuracy``), ``validation_split``, ``train_steps``;
+* ``status`` (completed, failed, running), ``error`` (type: message), ``run`` (the run folder or W&B id);
+* ``timings.<name>`` (seconds), ``peak_memory_mb.<name>``, ``scoring.path``, ``scoring.cache``;
+* objects: ``metrics`` and ``best_metrics`` (dicts), ``mask_modules`` and ``mask_final_modules``
+  (results.json's ``mask`` and ``mask_final``: module -> selected and total entries).
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import json
+import math
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from speft.results import RESULTS_FILE
+
+WANDB_PREFIX = "wandb:"
+OBJECT_COLUMNS = ("metrics", "best_metrics", "mask_modules", "mask_final_modules")
+CORE_COLUMNS = ("task.name", "method.name", "metric.name", "mask.name", "mask.selection", "density", "seed",
+                "model.name", "scoring.path")
+# W&B run states -> results.json statuses
+WANDB_STATES = {"finished": "completed", "failed": "failed", "crashed": "failed", "killed": "failed",
+                "running": "running", "pending": "running", "preempted": "failed"}
+
+
+class ReportError(ValueError):
+    """Bad input to the report (no results, unknown key...): the message says what to do."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Tasks and methods: the registry knows each task's main metric and which methods use salience.
+
+
+@functools.cache
+def task_info(task: str) -> tuple[str, str] | None:
+    """(validation split, main metric) of a registered task, or None when the name is unknown."""
+    import speft.components  # noqa: F401  (registers the tasks)
+    from speft import registry
+
+    try:
+        cls = registry.get("task", task).obj
+    except (ValueError, KeyError):
+        return None
+    return getattr(cls, "validation_split", "validation"), cls.main_metric
+
+
+@functools.cache
+def uses_salience(method: str | None) -> bool:
+    """True when the method's mask comes from a salience metric (its metric and mask keys matter); an
+    unknown or missing method counts as one (nothing is hidden)."""
+    if not isinstance(method, str):
+        return True
+    import speft.components  # noqa: F401
+    from speft import registry
+
+    try:
+        return bool(registry.get("method", method).obj.uses_salience)
+    except (ValueError, KeyError):
+        return True
+
+
+def main_metric_key(data: dict, task: str | None) -> tuple[str | None, str | None]:
+    """(main metric key such as ``validation/accuracy``, validation split) of a result.
+
+    ``results["main_metric"]``, when the run recorded it, wins over the registry's current definition."""
+    info = task_info(task) if task else None
+    split = info[0] if info else "validation"
+    recorded = data.get("main_metric")
+    if recorded:
+        return (recorded if "/" in recorded else f"{split}/{recorded}"), split
+    return (f"{split}/{info[1]}" if info else None), split
+
+
+# ----------------------------------------------------------------------------------------------
+# One result -> one flat record
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def budget_of(config: dict) -> str | None:
+    """A budget label comparable across methods: the sparse ``density`` and LoRA's rank both read ``lora:8``;
+    None for methods whose budget is the method itself (full, head_only)."""
+    method = config.get("method") or {}
+    if uses_salience(method.get("name")):
+        return None if config.get("density") is None else str(config["density"])
+    if method.get("rank") is not None:
+        return f"lora:{method['rank']}"
+    return None
+
+
+def error_text(error: Any) -> str | None:
+    if not error:
+        return None
+    if isinstance(error, dict):
+        kind, message = error.get("type"), str(error.get("message", "")).strip()
+        return f"{kind}: {message}" if kind else message
+    return str(error)
+
+
+def record_from_result(data: dict, run: str) -> dict[str, Any]:
+    """The flat record of one results.json (or W&B run mapped to its shape)."""
+    config = data.get("config") or {}
+    task = (config.get("task") or {}).get("name")
+    main_key, split = main_metric_key(data, task)
+    rec: dict[str, Any] = flatten(config)
+    rec.update({
+        "run": run,
+        "status": data.get("status") or "unknown",
+        "error": error_text(data.get("error")),
+        "budget": budget_of(config),
+        "trainable_fraction": data.get("density"),
+        "trainable_params": data.get("trainable_params"),
+        "total_params": data.get("total_params"),
+        "main_metric": main_key,
+        "validation_split": split,
+        "train_steps": data.get("train_steps"),
+        "metrics": dict(data.get("metrics") or {}),
+        "best_metrics": dict(data.get("best_metrics") or {}),
+        "mask_modules": dict(data.get("mask") or {}),
+        "mask_final_modules": dict(data.get("mask_final") or {}),
+    })
+    for group in ("timings", "peak_memory_mb"):
+        for k, v in (data.get(group) or {}).items():
+            rec[f"{group}.{k}"] = v
+    scoring = data.get("scoring") or {}
+    rec["scoring.path"] = scoring.get("path")
+    rec["scoring.cache"] = scoring.get("cache")
+    return rec
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources: folders of results.json files, or W&B projects
+
+
+def result_files(source: Path) -> list[Path]:
+    source = Path(source)
+    if not source.exists():
+        raise ReportError(f"{source}: no such file or folder")
+    if source.is_file():
+        return [source]
+    return sorted(source.rglob(RESULTS_FILE), key=lambda p: natural_key(str(p)))
+
+
+def local_records(source: Path) -> list[dict]:
+    files = result_files(source)
+    if not files:
+        raise ReportError(f"{source}: no {RESULTS_FILE} under this folder (give a run folder, a sweep folder "
+                          f"(hydra.sweep.dir) or a folder holding several)")
+    records = []
+    for path in files:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as e:  # a run being written is replaced atomically: this is real damage
+            raise ReportError(f"{path}: not a readable results.json ({e})") from None
+        if not isinstance(data, dict) or "config" not in data:
+            raise ReportError(f"{path}: not a speft results.json (no 'config')")
+        records.append(record_from_result(data, str(path.parent)))
+    return records
+
+
+def unflatten(d: dict) -> dict:
+    """W&B may return a nested config with dotted keys ("task.name"); nest them."""
+    out: dict = {}
+    for k, v in d.items():
+        if str(k).startswith("_"):  # W&B's own entries (_wandb)
+            continue
+        parts = str(k).split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = unflatten(v) if isinstance(v, dict) else v
+    return out
+
+
+def wandb_result(run) -> dict:
+    """A W&B run (``wandb.Api().runs``) in results.json's shape, from its config and summary (what
+    ``speft.loggers.wandb`` logs: the final metrics, ``status``, ``density``, ``trainable_params``,
+    ``timings/<name>``; ``best/<key>`` and ``main_metric`` when logged)."""
+    summary = getattr(run.summary, "_json_dict", None)
+    summary = dict(summary if summary is not None else run.summary)
+    state = getattr(run, "state", None)
+    status = summary.get("status") or WANDB_STATES.get(state, state or "unknown")
+    error = summary.get("error") or (f"W&B run state '{state}'" if status == "failed" else None)
+    skip = ("timings/", "best/", "train/", "_")
+    return {
+        "status": status,
+        "error": error,
+        "config": unflatten(dict(run.config)),
+        "metrics": {k: v for k, v in summary.items() if "/" in k and not k.startswith(skip)
+                    and isinstance(v, (int, float))},
+        "best_metrics": {k[len("best/"):]: v for k, v in summary.items() if k.startswith("best/")},
+        "density": summary.get("density"),
+        "trainable_params": summary.get("trainable_params"),
+        "timings": {k[len("timings/"):]: v for k, v in summary.items() if k.startswith("timings/")},
+        "main_metric": summary.get("main_metric"),
+    }
+
+
+def wandb_records(path: str, api=None) -> list[dict]:
+    """Records of every run of a W&B project ``entity/project`` (``api``: a ``wandb.Api``, for tests)."""
+    if api is None:
+        import wandb
+
+        api = wandb.Api()
+    runs = list(api.runs(path))
+    if not runs:
+        raise ReportError(f"wandb:{path}: the project has no runs")
+    return [record_from_result(wandb_result(r), f"wandb:{path}/{getattr(r, 'id', i)}") for i, r in enumerate(runs)]
+
+
+def load_records(sources: Iterable[str | Path], api=None) -> pd.DataFrame:
+    """One DataFrame row per run found under ``sources`` (folders searched recursively for results.json,
+    results.json files, or ``wandb:<entity>/<project>``)."""
+    records: list[dict] = []
+    for source in sources:
+        s = str(source)
+        if s.startswith(WANDB_PREFIX):
+            records += wandb_records(s[len(WANDB_PREFIX):], api=api)
+        else:
+            records += local_records(Path(s))
+    if not records:
+        raise ReportError("no runs given")
+    df = pd.DataFrame.from_records(records)
+    for col in CORE_COLUMNS:  # always there (None when a source lacks them: e.g. a W&B run of another project)
+        if col not in df:
+            df[col] = None
+    for col in OBJECT_COLUMNS:  # missing object cells become {} rather than NaN
+        df[col] = [v if isinstance(v, dict) else {} for v in df[col]]
+    return df
+
+
+# ----------------------------------------------------------------------------------------------
+# Keys and filters
+
+
+def available_keys(df: pd.DataFrame) -> list[str]:
+    return sorted(c for c in df.columns if c not in OBJECT_COLUMNS)
+
+
+def check_keys(df: pd.DataFrame, keys: Iterable[str], option: str) -> None:
+    known = available_keys(df)
+    for key in keys:
+        if key not in df.columns or key in OBJECT_COLUMNS:
+            close = difflib.get_close_matches(key, known, n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ReportError(f"{option}: unknown key '{key}'.{hint} Available: {', '.join(known)}")
+
+
+def normalise(v: Any) -> Any:
+    """Comparable form of a config value or a command-line string: numbers as floats, booleans and
+    none as lower-case words, the rest as strings."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "none"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, (int, float)):
+        return float(v)
+    s = str(v).strip()
+    try:
+        return float(s)
+    except ValueError:
+        return s.lower() if s.lower() in ("true", "false", "none", "null") else s
+
+
+def parse_filter(raw: str) -> tuple[str, bool, set]:
+    """``key=value[,value...]`` or ``key!=value[,value...]`` -> (key, negated, accepted values)."""
+    m = re.match(r"^([^=!]+)(!?=)(.*)$", raw)
+    if not m:
+        raise ReportError(f"--filter {raw!r}: write key=value (or key!=value; values may be a comma list)")
+    key, op, values = m.group(1).strip(), m.group(2), m.group(3)
+    accepted = {normalise(v) for v in values.split(",")}
+    accepted = {"none" if v == "null" else v for v in accepted}
+    return key, op == "!=", accepted
+
+
+SALIENCE_GROUPS = ("metric.", "mask.")  # config groups that only matter to methods with a salience mask
+
+
+def apply_filters(df: pd.DataFrame, filters: Iterable[str]) -> pd.DataFrame:
+    """The runs matching every filter (``key=value``, ``key!=value``, values a comma list). Filters on
+    ``metric.*`` and ``mask.*`` keys leave the runs of methods without a salience mask (LoRA, full...) in:
+    their metric and mask settings are unused defaults (``method.name=sparse`` drops them)."""
+    for raw in filters:
+        key, negated, accepted = parse_filter(raw)
+        check_keys(df, [key], "--filter")
+        keep = df[key].map(lambda v, accepted=accepted: normalise(v) in accepted)
+        keep = ~keep if negated else keep
+        if key.startswith(SALIENCE_GROUPS) and "method.name" in df:
+            keep |= ~df["method.name"].map(uses_salience)
+        df = df[keep]
+    return df
+
+
+def natural_key(s: Any) -> tuple:
+    """Sort key that orders ``lora:8`` before ``lora:32`` and ``run/9`` before ``run/10``."""
+    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", str(s)) if t)

@@ -1,0 +1,384 @@
+"""The study's table: rows = methods or metrics, columns = tasks, cells = mean ± std over seeds.
+
+:func:`pivot` turns the collected records (:func:`speft.report.collect.load_records`) into a
+:class:`Table`; :func:`to_markdown`, :func:`to_latex` and :func:`to_csv` render it. Nothing is dropped
+silently: a cell without runs reads "—", a cell whose runs all failed "failed (k/n)", a cell with some
+failures says so next to its mean, and the footer lists every failed run with its error.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from speft.report.collect import (
+    SALIENCE_GROUPS,
+    ReportError,
+    apply_filters,
+    check_keys,
+    natural_key,
+    uses_salience,
+)
+
+DEFAULT_ROWS = ("method.name", "metric.name")
+DEFAULT_COLS = ("task.name",)
+# Added to the default rows when they take more than one value in the data: otherwise runs that differ
+# in them would be averaged as if they were seeds.
+FACTORS = ("mask.name", "mask.selection", "budget", "model.name")
+MISSING = "—"
+AVERAGE = "Average"
+
+
+@dataclass
+class Cell:
+    values: list[float] = field(default_factory=list)  # scaled main-metric values of completed runs
+    seeds: list[Any] = field(default_factory=list)
+    failed: int = 0
+    running: int = 0
+    no_value: int = 0  # completed, but the metric is missing or NaN
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def total(self) -> int:
+        return self.n + self.failed + self.running + self.no_value
+
+    @property
+    def mean(self) -> float:
+        return sum(self.values) / self.n if self.n else math.nan
+
+    @property
+    def std(self) -> float:
+        """Sample standard deviation (n - 1), 0 for a single run."""
+        if self.n < 2:
+            return 0.0 if self.n else math.nan
+        m = self.mean
+        return math.sqrt(sum((v - m) ** 2 for v in self.values) / (self.n - 1))
+
+
+@dataclass
+class Table:
+    row_keys: list[str]
+    col_keys: list[str]
+    rows: list[str]  # row labels, in order
+    cols: list[str]  # column labels, in order
+    row_values: dict[str, tuple]  # label -> the row keys' values
+    cells: dict[tuple[str, str], Cell]
+    metrics: dict[str, list[str]]  # column -> the metric keys its cells report
+    value: str  # "final" or "best"
+    scale: float
+    digits: int
+    average: bool = True
+    failures: list[str] = field(default_factory=list)  # one line per failed run
+    notes: list[str] = field(default_factory=list)  # warnings and explanations for the footer
+
+    def cell(self, row: str, col: str) -> Cell:
+        return self.cells.get((row, col), Cell())
+
+    def averages(self) -> dict[str, float]:
+        """Per row: the mean over columns of the cell means; NaN when a column has no mean."""
+        out = {}
+        for r in self.rows:
+            means = [self.cell(r, c).mean for c in self.cols]
+            out[r] = sum(means) / len(means) if means and not any(math.isnan(m) for m in means) else math.nan
+        return out
+
+    def best(self) -> dict[str, set[str]]:
+        """Per column (and ``Average``): the rows with the highest mean (ties all marked)."""
+        columns = {c: {r: self.cell(r, c).mean for r in self.rows} for c in self.cols}
+        if self.average:
+            columns[AVERAGE] = self.averages()
+        out = {}
+        for c, means in columns.items():
+            finite = [m for m in means.values() if not math.isnan(m)]
+            top = max(finite, default=math.nan)
+            out[c] = {r for r, m in means.items() if not math.isnan(m) and m >= top - 1e-12}
+        return out
+
+    @property
+    def uniform_n(self) -> int | None:
+        """The number of values per cell when every non-empty cell has the same, else None."""
+        ns = {cell.n for cell in self.cells.values() if cell.n}
+        return ns.pop() if len(ns) == 1 else None
+
+    def text(self, row: str, col: str) -> str:
+        """The plain cell text: ``81.23 ± 0.45``, ``… (n=2, 1 failed)``, ``failed (1/1)`` or ``—``."""
+        cell = self.cell(row, col)
+        if not cell.total:
+            return MISSING
+        notes = []
+        if cell.n and self.uniform_n is None:
+            notes.append(f"n={cell.n}")
+        for count, word in ((cell.failed, "failed"), (cell.running, "running"), (cell.no_value, "no value")):
+            if count and cell.n:
+                notes.append(f"{count} {word}")
+        if not cell.n:
+            parts = [f"{w} ({k}/{cell.total})" for k, w in ((cell.failed, "failed"), (cell.running, "running"),
+                                                             (cell.no_value, "no value")) if k]
+            return ", ".join(parts)
+        text = self.number(cell.mean)
+        if cell.n > 1:
+            text += f" ± {self.number(cell.std)}"
+        return text + (f" ({', '.join(notes)})" if notes else "")
+
+    def to_frame(self, what: str = "text") -> pd.DataFrame:
+        """Rows × columns as a DataFrame: the cell ``text`` (with the ``Average`` column), or ``mean``,
+        ``std`` or ``n`` (numbers: NaN for empty cells)."""
+        if what == "text":
+            data = {self.header(c): [self.text(r, c) for r in self.rows] for c in self.cols}
+            if self.average:
+                data[AVERAGE] = [self.average_text(r) for r in self.rows]
+        else:
+            data = {self.header(c): [getattr(self.cell(r, c), what) for r in self.rows] for c in self.cols}
+        return pd.DataFrame(data, index=pd.Index(self.rows, name=", ".join(self.row_keys)))
+
+    def average_text(self, row: str) -> str:
+        m = self.averages()[row]
+        return MISSING if math.isnan(m) else self.number(m)
+
+    def number(self, x: float) -> str:
+        return f"{x:.{self.digits}f}"
+
+    def header(self, col: str) -> str:
+        """The column label, with its metric when it reports a single one (``glue/sst2 (accuracy)``)."""
+        metrics = self.metrics.get(col, [])
+        if len(metrics) == 1:
+            return f"{col} ({metrics[0].split('/')[-1]})"
+        return col
+
+    def footer(self) -> list[str]:
+        what = "best-epoch" if self.value == "best" else "final"
+        scale = f" × {self.scale:g}" if self.scale != 1 else ""
+        n = self.uniform_n
+        stats = ("one run each" if n == 1 else
+                 f"mean ± sample std over seeds ({f'n={n} each' if n else 'n: runs per cell'})")
+        lines = [f"Cells: {what} metric{scale}, {stats}; "
+                 f"rows: {', '.join(self.row_keys)}; columns: {', '.join(self.col_keys)}."]
+        metrics = sorted({m for ms in self.metrics.values() for m in ms})
+        if metrics:
+            lines.append(f"Metrics: {', '.join(metrics)}.")
+        if self.average:
+            lines.append(f"{AVERAGE}: mean of a row's cells, when every column has one. Bold: the best per column.")
+        lines += self.notes
+        if self.failures:
+            lines.append(f"Failed runs ({len(self.failures)}):")
+            lines += [f"- {f}" for f in self.failures]
+        return lines
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def run_value(rec: pd.Series, value: str = "final", metric: str | None = None) -> tuple[str | None, float]:
+    """(metric key, value) of one record: the task's main metric (or ``metric``: a bare name such as
+    ``f1`` is read on the task's validation split) from the final or the best-epoch evaluation."""
+    if metric:
+        key = metric if "/" in metric else f"{rec.get('validation_split') or 'validation'}/{metric}"
+    else:
+        key = rec.get("main_metric")
+    source = rec["best_metrics"] if value == "best" else rec["metrics"]
+    v = source.get(key) if key else None
+    return key, (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan)
+
+
+def default_rows(df: pd.DataFrame) -> list[str]:
+    """``method.name, metric.name`` plus every factor of :data:`FACTORS` that varies in the data."""
+    rows = [k for k in DEFAULT_ROWS if k in df.columns]
+    salience = df[df["method.name"].map(uses_salience)]
+    for key in FACTORS:
+        if key not in df.columns:
+            continue
+        scope = salience if key.startswith(SALIENCE_GROUPS) else df
+        if scope[key].dropna().map(str).nunique() > 1:
+            rows.append(key)
+    return rows
+
+
+def row_label(rec: pd.Series, keys: list[str]) -> tuple[str, tuple]:
+    """Label and key values of a record's row; metric and mask keys are left out for methods without a
+    salience mask (LoRA is "lora", not "lora/grad")."""
+    salience = uses_salience(rec.get("method.name"))
+    values = tuple(None if (not salience and k.startswith(SALIENCE_GROUPS)) else rec.get(k) for k in keys)
+    parts = [str(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not parts and not salience:  # rows by metric only: a baseline is its method ("lora")
+        parts = [str(rec.get("method.name"))]
+    return ("/".join(parts) or "(none)"), values
+
+
+def col_label(rec: pd.Series, keys: list[str]) -> str:
+    return "/".join(str(rec.get(k)) for k in keys)
+
+
+def pivot(df: pd.DataFrame, rows: list[str] | None = None, cols: list[str] | None = None, value: str = "final",
+          metric: str | None = None, scale: float = 100.0, filters: list[str] = (), digits: int | None = None,
+          average: bool = True) -> Table:
+    """The table of ``df``'s runs (see the module docstring). ``rows``/``cols``: dotted keys (default
+    :func:`default_rows` and ``task.name``); ``value``: ``final`` or ``best``; ``metric``: instead of each
+    task's main metric; ``filters``: ``key=value`` strings; ``scale``: 100 for percent."""
+    if value not in ("final", "best"):
+        raise ReportError(f"--value {value!r}: choose final or best")
+    df = apply_filters(df, filters)
+    if df.empty:
+        raise ReportError(f"no runs left after the filters {', '.join(filters)}")
+    rows = list(rows) if rows else default_rows(df)
+    cols = list(cols) if cols else list(DEFAULT_COLS)
+    check_keys(df, rows, "--rows")
+    check_keys(df, cols, "--cols")
+
+    records = []
+    for _, rec in df.iterrows():
+        label, values = row_label(rec, rows)
+        key, v = run_value(rec, value, metric)
+        records.append({"row": label, "row_values": values, "col": col_label(rec, cols), "status": rec["status"],
+                        "key": key, "value": v * scale, "seed": rec.get("seed"), "run": rec["run"],
+                        "error": rec.get("error")})
+    long = pd.DataFrame.from_records(records)
+    # Salience methods first (the study's rows), then the baselines; natural order within each.
+    salient = dict(zip(long["row"], df["method.name"].map(uses_salience)))
+    row_order = sorted(long["row"].unique(), key=lambda r: (not salient[r], natural_key(r)))
+    col_order = sorted(long["col"].unique(), key=natural_key)
+    cells: dict[tuple[str, str], Cell] = {}
+    for (r, c), group in long.groupby(["row", "col"], sort=False):
+        cell = Cell()
+        for _, x in group.iterrows():
+            if x["status"] == "completed":
+                if math.isnan(x["value"]):
+                    cell.no_value += 1
+                else:
+                    cell.values.append(float(x["value"]))
+                    cell.seeds.append(x["seed"])
+            elif x["status"] == "failed":
+                cell.failed += 1
+            else:
+                cell.running += 1
+        cells[(r, c)] = cell
+
+    table = Table(row_keys=rows, col_keys=cols, rows=row_order, cols=col_order,
+                  row_values=dict(zip(long["row"], long["row_values"])), cells=cells,
+                  metrics={c: sorted({k for k in long.loc[long["col"] == c, "key"] if k}) for c in col_order},
+                  value=value, scale=scale, digits=digits if digits is not None else (2 if scale >= 100 else 4),
+                  average=average)
+    for _, x in long[long["status"] == "failed"].iterrows():
+        error = x["error"] or "no error recorded"
+        error = error if len(error) <= 300 else error[:299] + "…"
+        table.failures.append(f"{x['row']} · {x['col']} · seed {x['seed']}: {error} ({x['run']})")
+    running = long[~long["status"].isin(["completed", "failed"])]
+    if len(running):
+        table.notes.append(f"Not finished ({len(running)}): " + ", ".join(sorted(running["run"])))
+    no_value = long[(long["status"] == "completed") & long["value"].isna()]
+    if len(no_value):
+        keys = sorted({str(k) for k in no_value["key"]})
+        table.notes.append(f"Completed without a value for {', '.join(keys)} ({len(no_value)} runs; a NaN metric "
+                           f"or a key this run does not report; see --metric): " + ", ".join(sorted(no_value["run"])))
+    table.notes += mixed_cell_notes(df, long, rows, cols)
+    return table
+
+
+def mixed_cell_notes(df: pd.DataFrame, long: pd.DataFrame, rows: list[str], cols: list[str]) -> list[str]:
+    """Warn about cells holding two completed runs of the same seed: they differ in some other key that
+    should be a row, a column or a filter, or the same run was collected twice."""
+    done = long[long["status"] == "completed"]
+    ignore = {"run", "status", "error", "metrics", "best_metrics", "mask_modules", "mask_final_modules",
+              "paths.data_dir", "paths.cache_dir", "scoring.path", "scoring.cache", "trainable_fraction",
+              "trainable_params", "total_params", "train_steps", "skip_completed", "logger.name"}
+    ignore |= {c for c in df.columns if c.startswith(("timings.", "peak_memory_mb."))}
+    notes = []
+    for (r, c), group in done.groupby(["row", "col"], sort=False):
+        seeds = group["seed"].map(str)
+        if seeds.nunique() == len(seeds):
+            continue
+        runs = df[df["run"].isin(group["run"])]
+        differ = [k for k in df.columns if k not in ignore and k not in rows and k not in cols
+                  and runs[k].map(str).nunique() > 1]
+        why = (f"they differ in {', '.join(differ)}: add one to --rows or --filter" if differ
+               else "the same run collected twice?")
+        notes.append(f"Warning: cell {r} · {c} averages {len(group)} runs over only {seeds.nunique()} seed(s) ({why}).")
+    return notes
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _grid(table: Table) -> tuple[list[str], list[list[str]], dict[str, set[str]]]:
+    header = [", ".join(table.row_keys), *[table.header(c) for c in table.cols]]
+    if table.average:
+        header.append(AVERAGE)
+    body = []
+    for r in table.rows:
+        line = [r, *[table.text(r, c) for c in table.cols]]
+        if table.average:
+            line.append(table.average_text(r))
+        body.append(line)
+    return header, body, table.best()
+
+
+def to_markdown(table: Table) -> str:
+    header, body, best = _grid(table)
+    cols = [*table.cols, AVERAGE] if table.average else list(table.cols)
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for r, line in zip(table.rows, body):
+        line = [t.replace("|", "\\|") for t in line]
+        out = [line[0]] + [f"**{t}**" if r in best.get(c, ()) else t for c, t in zip(cols, line[1:])]
+        lines.append("| " + " | ".join(out) + " |")
+    return "\n".join(lines + [""] + table.footer()) + "\n"
+
+
+LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                 "—": "---", "±": r"$\pm$", "×": r"$\times$", "·": r"$\cdot$", "ρ": r"$\rho$"}
+
+
+def latex_escape(s: str) -> str:
+    return "".join(LATEX_ESCAPES.get(ch, ch) for ch in str(s))
+
+
+def to_latex(table: Table) -> str:
+    """A booktabs ``tabular`` (needs ``\\usepackage{booktabs}``); the footer as ``%`` comments."""
+    header, body, best = _grid(table)
+    cols = [*table.cols, AVERAGE] if table.average else list(table.cols)
+    lines = [r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}", r"\toprule",
+             " & ".join(latex_escape(h) for h in header) + r" \\", r"\midrule"]
+    for r, line in zip(table.rows, body):
+        out = [latex_escape(line[0])]
+        for c, t in zip(cols, line[1:]):
+            out.append(rf"\textbf{{{latex_escape(t)}}}" if r in best.get(c, ()) else latex_escape(t))
+        lines.append(" & ".join(out) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    lines += ["% " + line.replace("\n", " ") for line in table.footer()]
+    return "\n".join(lines) + "\n"
+
+
+CSV_FIELDS = ("row", "column", "metric", "mean", "std", "n", "failed", "running", "no_value", "best", "text")
+
+
+def to_csv(table: Table) -> str:
+    """Long form, one line per cell (and per row's ``Average``): the row keys' values, the numbers at full
+    precision (scaled), the counts and ``best`` (1 for the best entry of its column)."""
+    best = table.best()
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow([*table.row_keys, *CSV_FIELDS])
+    for r in table.rows:
+        keys = ["" if v is None else v for v in table.row_values.get(r, ())]
+        for c in table.cols:
+            cell = table.cell(r, c)
+            writer.writerow([*keys, r, c, ";".join(table.metrics.get(c, [])), _num(cell.mean), _num(cell.std),
+                             cell.n, cell.failed, cell.running, cell.no_value, int(r in best.get(c, ())),
+                             table.text(r, c)])
+        if table.average:
+            m = table.averages()[r]
+            writer.writerow([*keys, r, AVERAGE, "", _num(m), "", "", "", "", "", int(r in best.get(AVERAGE, ())),
+                             table.average_text(r)])
+    return buf.getvalue()
+
+
+def _num(x: float) -> str:
+    return "" if x is None or math.isnan(x) else repr(float(x))

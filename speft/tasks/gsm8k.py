@@ -1,0 +1,83 @@
+"""``task=gsm8k``: fine-tune on GSM8K train or on MetaMathQA, evaluate k-shot on the GSM8K test set.
+
+Training data (``task.train_data``):
+
+* ``gsm8k``: the 7,473 training problems (``question`` → ``answer``, the worked solution ending in
+  ``#### <number>``); local ``<data_dir>/gsm8k/train.jsonl``, else the Hub's ``openai/gsm8k`` (main);
+* ``metamathqa``: MetaMathQA (``query`` → ``response``); local ``<data_dir>/metamathqa/MetaMathQA-395K.json``
+  (the file of the Hub dataset ``meta-math/MetaMathQA``) or ``task.train_file``, else the Hub. The study
+  trains on its first 100,000 records: ``task.max_train_examples=100000`` without ``subset_seed``.
+
+Evaluation: the 1,319 test problems, ``num_fewshot`` exemplars from GSM8K train (``fewshot=harness``:
+drawn per problem by lm-eval-harness's seeded sampler, so prompts equal the harness's; ``first_n``: the
+first k for every problem), greedy generation, ``strict_match`` and ``flexible_extract`` accuracy
+(:mod:`speft.evaluation.gsm8k`). Predictions go to ``predictions_test.jsonl`` beside ``results.json``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from speft.config import check_choice, check_positive, min_set
+from speft.registry import register
+from speft.tasks.lm import CausalLMTask, LMTaskConfig, check_train_data, read_json_list, read_jsonl
+
+HUB_GSM8K = "openai/gsm8k"
+HUB_METAMATHQA = "meta-math/MetaMathQA"
+TRAIN_DATA = ("gsm8k", "metamathqa")
+FEWSHOT = ("harness", "first_n")
+
+
+@dataclass
+class Gsm8kConfig(LMTaskConfig):
+    name: str = "gsm8k"
+    train_data: str = "gsm8k"  # gsm8k | metamathqa
+    hub_revision: Optional[str] = None  # a Hub commit of the training dataset, for reproducibility online
+    max_new_tokens: int = 256  # the harness's generation limit for gsm8k
+    fewshot: str = "harness"  # harness: k seeded draws per problem (lm-eval's sampler); first_n: the same k for all
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_train_data(self.name, self.train_data, TRAIN_DATA)
+        check_positive(self, "task", "max_new_tokens")
+        check_choice("task.fewshot", self.fewshot, FEWSHOT)
+
+
+@register("task", "gsm8k", schema=Gsm8kConfig)
+class Gsm8k(CausalLMTask):
+    main_metric = "flexible_extract"
+
+    def eval_cap(self, max_eval, max_generate):
+        return min_set(self.cfg.max_eval_examples, max_eval, max_generate)
+
+    def gsm8k_split(self, split: str) -> list[dict]:
+        path = self.local("gsm8k", f"{split}.jsonl")
+        rows = read_jsonl(path, ("question", "answer")) if path else self.hub(HUB_GSM8K, "main", split)
+        return [{"question": r["question"], "answer": r["answer"]} for r in rows]
+
+    def load_splits(self) -> dict[str, list[dict]]:
+        gsm_train = self.gsm8k_split("train")
+        self.fewshot_pool = gsm_train  # exemplars come from GSM8K train whatever the training data
+        if self.cfg.train_data == "gsm8k":
+            train = [{"prompt": r["question"], "response": r["answer"]} for r in gsm_train]
+        else:
+            path = self.train_path("metamathqa", "MetaMathQA-395K.json")
+            rows = read_json_list(path, ("query", "response")) if path else self.hub(HUB_METAMATHQA, None, "train")
+            train = [{"prompt": r["query"], "response": r["response"]} for r in rows]
+        return {"train": train, "test": self.gsm8k_split("test")}
+
+    def evaluate(self, split, model, tokenizer, rows, *, device, out_dir: Path, max_new_tokens=None):
+        from speft.evaluation import gsm8k
+
+        if self.cfg.fewshot == "harness":  # per problem, in test-file order: rows are the file's first N
+            exemplars = gsm8k.fewshot_exemplars(self.fewshot_pool, len(rows), self.cfg.num_fewshot)
+        else:
+            exemplars = self.fewshot_pool[: self.cfg.num_fewshot]
+        out = gsm8k.evaluate(model, tokenizer, rows, exemplars, device=device,
+                             max_new_tokens=min(self.cfg.max_new_tokens, max_new_tokens or self.cfg.max_new_tokens),
+                             batch_size=self.cfg.eval_batch_size, max_context=self.cfg.max_context,
+                             predictions_path=Path(out_dir) / f"predictions_{split}.jsonl")
+        metrics = {k: out[k] for k in ("strict_match", "flexible_extract")}
+        return metrics, {"examples": out["num_examples"], "problems_per_s": out["problems_per_s"]}

@@ -1,0 +1,94 @@
+"""Sweeps: the submitit launcher (local executor, as on a cluster), a failing job recorded without
+losing the others, re-launches that skip completed runs and never overwrite a result."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from speft.pipeline import run
+from speft.registry import ConfigError
+
+from .conftest import CONF, ROOT, compose_cfg
+
+
+def sweep(tmp_path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled", "SPEFT_CACHE_DIR": str(tmp_path / "cache")}
+    cmd = [sys.executable, "run.py", "-m", "debug=fast", "logger=none", "method.save_adapter=false",
+           f"hydra.sweep.dir={tmp_path}/sweep", *overrides]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def results(tmp_path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/results.json"))}
+
+
+def test_submitit_local_launcher_runs_every_job(tmp_path):
+    proc = sweep(tmp_path, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "metric=grad,snip")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = results(tmp_path)
+    assert sorted(r["config"]["metric"]["name"] for r in found.values()) == ["grad", "snip"]
+    assert all(r["status"] == "completed" for r in found.values())
+    assert list((tmp_path / "sweep" / ".submitit").iterdir())  # submitit's job folders, as on SLURM
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the failing job needs a machine without CUDA")
+def test_a_failing_job_is_recorded_and_the_others_complete(tmp_path):
+    proc = sweep(tmp_path, "trainer.device=cuda,cpu")
+    assert proc.returncode != 0  # the sweep reports the failure at its end
+    found = results(tmp_path)
+    by_device = {r["config"]["trainer"]["device"]: r for r in found.values()}
+    assert by_device["cpu"]["status"] == "completed" and by_device["cpu"]["metrics"]
+    failed = by_device["cuda"]
+    assert failed["status"] == "failed"
+    assert failed["error"]["type"] and failed["error"]["message"] and failed["error"]["traceback"]
+
+
+def test_slurm_launcher_config_composes_with_cluster_options():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", return_hydra_config=True,
+                      overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+                                 "hydra.launcher.array_parallelism=4", "hydra.launcher.gpus_per_node=2"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.partition, launcher.array_parallelism, launcher.gpus_per_node) == ("gpu", 4, 2)
+    assert launcher.timeout_min == 720 and launcher.max_num_timeout == 0
+
+
+def test_skip_completed_returns_the_recorded_result_and_never_overwrites(tmp_path):
+    first = run(compose_cfg("debug=fast", "logger=none", "method.save_adapter=false"), run_dir=tmp_path)
+    path = tmp_path / "results.json"
+    before = path.read_text()
+
+    again = run(compose_cfg("debug=fast", "logger=none", "method.save_adapter=false", "skip_completed=true"),
+                run_dir=tmp_path)
+    assert again.model is None and again.metrics == first.metrics
+    assert path.read_text() == before
+
+    with pytest.raises(ConfigError, match="skip_completed=true"):  # without the flag: refuse, keep the file
+        run(compose_cfg("debug=fast", "logger=none", "method.save_adapter=false"), run_dir=tmp_path)
+    with pytest.raises(ConfigError, match="differs in: metric"):  # another config in the same folder
+        run(compose_cfg("debug=fast", "logger=none", "method.save_adapter=false", "metric=snip",
+                        "skip_completed=true"), run_dir=tmp_path)
+    assert path.read_text() == before
+
+
+def test_a_failed_result_is_run_again_under_skip_completed(tmp_path):
+    (tmp_path / "results.json").write_text(json.dumps({"status": "failed", "config": {}}))
+    out = run(compose_cfg("debug=fast", "logger=none", "method.save_adapter=false", "skip_completed=true"),
+              run_dir=tmp_path)
+    assert out.model is not None
+    assert json.loads((tmp_path / "results.json").read_text())["status"] == "completed"
+
+
+def test_skip_completed_must_be_a_boolean():
+    with pytest.raises(Exception, match="skip_completed"):
+        compose_cfg("skip_completed=maybe")
