@@ -6,8 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-experiments/mini_study/runs}
-# 32 training steps: the dynamic masks update three times. Reselect scores anew every 10 steps;
-# regrow drops and regrows every 8 steps until 75 % of training (steps 8, 16, 24).
-python run.py -m experiment=mini_study mask=static hydra.sweep.dir=$OUT/static
-python run.py -m experiment=mini_study mask=reselect mask.update_every_steps=10 hydra.sweep.dir=$OUT/reselect
-python run.py -m experiment=mini_study mask=regrow mask.update_every_steps=8 hydra.sweep.dir=$OUT/regrow
+# 26 training steps: the dynamic masks update three times. Reselect scores anew every 8 steps
+# (8, 16, 24); regrow drops and regrows every 6 steps until 75 % of training (6, 12, 18).
+# Two single-threaded jobs at a time (hydra/launcher=parallel).
+RUN=(python run.py -m experiment=mini_study hydra/launcher=parallel)
+"${RUN[@]}" mask=static hydra.sweep.dir=$OUT/static
+"${RUN[@]}" mask=reselect mask.update_every_steps=8 hydra.sweep.dir=$OUT/reselect
+"${RUN[@]}" mask=regrow mask.update_every_steps=6 hydra.sweep.dir=$OUT/regrow

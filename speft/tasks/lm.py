@@ -155,11 +155,12 @@ class CausalLMTask(ClassificationTask):
 
     def encode(self, tokenizer, rows: list[dict], max_length: int) -> list[dict]:
         max_length = self.cfg.max_length or max_length
+        cut = None if self.cfg.packing else max_length  # packed examples are cut into blocks, not truncated
         out, dropped = [], 0
         for p, r in self.token_pairs(tokenizer, rows):
             labels = (p if self.cfg.train_on_prompt else [IGNORE] * len(p)) + r
-            ids = (p + r)[:max_length]
-            labels = labels[:max_length]
+            ids = (p + r)[:cut]
+            labels = labels[:cut]
             if all(label == IGNORE for label in labels):
                 dropped += 1  # the prompt alone fills max_length: nothing to learn from
                 continue

@@ -1,0 +1,262 @@
+"""Causal-LM tasks: prompt/response encoding (loss on the response only, truncation, packing, chat
+template), the data readers on the real files in ../shared/data and on crafted bad ones, the LLM presets'
+budgets, and end-to-end runs on a tiny random Llama and on the packaged SmolLM2-135M."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from speft.config import Budget, validate
+from speft.models.loading import find_targets, target_shapes
+from speft.pipeline import plan_spec, run
+from speft.registry import ConfigError
+from speft.tasks.base import DataError
+from speft.tasks.gsm8k import Gsm8k, Gsm8kConfig
+from speft.tasks.lm import IGNORE, pack
+from speft.tasks.mmlu import Mmlu, MmluConfig, oasst2_pairs
+
+from .conftest import ROOT, compose_cfg
+from .test_eval_gsm8k import tiny_llama, tiny_tokenizer
+
+DATA = ROOT.parent / "shared" / "data"
+needs_data = pytest.mark.skipif(not (DATA / "gsm8k").exists(), reason="../shared/data not present")
+ROWS = [{"prompt": "What is 2+2?", "response": "2+2 = 4\n#### 4"},
+        {"prompt": "Name a colour.", "input": "It is the colour of the sky.", "response": "Blue."}]
+
+
+def gsm(**kw) -> Gsm8k:
+    return Gsm8k(Gsm8kConfig(**kw), DATA)
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def test_loss_covers_the_response_and_its_eos_only():
+    tok = tiny_tokenizer()
+    enc = gsm().encode(tok, ROWS[:1], max_length=512)[0]
+    prompt_len = len(tok("Question: What is 2+2?\nAnswer:")["input_ids"])
+    assert enc["labels"][:prompt_len] == [IGNORE] * prompt_len
+    response = enc["labels"][prompt_len:]
+    assert response[-1] == tok.eos_token_id
+    assert tok.decode(response[:-1]) == " 2+2 = 4\n#### 4"
+    assert enc["input_ids"][prompt_len:] == response and len(enc["attention_mask"]) == len(enc["input_ids"])
+
+    with_prompt = gsm(train_on_prompt=True).encode(tok, ROWS[:1], max_length=512)[0]
+    assert IGNORE not in with_prompt["labels"] and with_prompt["labels"] == with_prompt["input_ids"]
+
+
+def test_alpaca_template_with_and_without_input():
+    task = gsm(template="alpaca")
+    prompt, response = task.texts(ROWS[0])
+    assert prompt.endswith("### Instruction:\nWhat is 2+2?\n\n### Response:\n") and "### Input" not in prompt
+    prompt, _ = task.texts(ROWS[1])
+    assert "### Input:\nIt is the colour of the sky.\n\n### Response:\n" in prompt
+    assert response == ROWS[0]["response"]
+    assert gsm(qa_prompt="Q: {prompt} Think.\nA:").texts(ROWS[0])[0] == "Q: What is 2+2? Think.\nA:"
+
+
+def test_truncation_drops_examples_without_response_tokens():
+    tok = tiny_tokenizer()
+    long = {"prompt": "word " * 200, "response": "4"}
+    out = gsm().encode(tok, [ROWS[0], long], max_length=24)
+    assert len(out) == 1 and len(out[0]["input_ids"]) <= 24
+    assert any(label != IGNORE for label in out[0]["labels"])
+    with pytest.raises(DataError, match="max_length=24"):
+        gsm().encode(tok, [long], max_length=24)
+
+
+def test_packing_keeps_every_token_in_blocks():
+    tok = tiny_tokenizer()
+    plain = gsm().encode(tok, ROWS * 3, max_length=512)
+    packed = gsm(packing=True).encode(tok, ROWS * 3, max_length=16)
+    assert all(len(b["input_ids"]) == 16 for b in packed[:-1]) and len(packed[-1]["input_ids"]) <= 16
+    assert [t for b in packed for t in b["labels"]] == [t for e in plain for t in e["labels"]]
+    assert pack([], 8) == []
+
+
+def test_chat_template_splits_user_and_assistant_turns():
+    tok = tiny_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<|endoftext|>{{ m['role'] }}\n{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}<|endoftext|>assistant\n{% endif %}")
+    enc = gsm(template="chat").encode(tok, ROWS[:1], max_length=512)[0]
+    response = [t for t in enc["labels"] if t != IGNORE]
+    assert tok.decode(response) == "2+2 = 4\n#### 4"
+    assert tok.decode(enc["input_ids"][: len(enc["input_ids"]) - len(response)]).endswith("assistant\n")
+    tok.chat_template = None
+    with pytest.raises(DataError, match="chat template"):
+        gsm(template="chat").encode(tok, ROWS[:1], max_length=512)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@needs_data
+def test_gsm8k_and_mmlu_read_the_official_files():
+    splits = gsm().splits()
+    assert (len(splits["train"]), len(splits["test"])) == (7473, 1319)
+    assert splits["test"][0]["answer"].endswith("#### 18")
+    mmlu = Mmlu(MmluConfig(), DATA)
+    test = mmlu.splits()["test"]
+    assert len(test) == 14042 and len(mmlu.dev) == 285
+    assert len({r["subject"] for r in test}) == 57 and all(r["answer"] in range(4) for r in test)
+
+
+@needs_data
+def test_mmlu_subjects_and_a_cap_per_subject():
+    task = Mmlu(MmluConfig(subjects=["anatomy", "astronomy"], max_eval_examples=5), DATA)
+    test = task.splits()["test"]
+    assert [r["subject"] for r in test] == ["anatomy"] * 3 + ["astronomy"] * 2
+    with pytest.raises(ValueError, match="unknown MMLU subject.*Valid choices"):
+        Mmlu(MmluConfig(subjects=["astrology"]), DATA).splits()
+
+
+@needs_data
+def test_alpaca_falls_back_to_the_local_subset_offline(caplog):
+    train = Mmlu(MmluConfig(), DATA).splits(max_train=3)["train"]
+    assert len(train) == 3 and set(train[0]) == {"prompt", "input", "response"}
+    assert "unverified provenance" in caplog.text
+
+
+def test_bad_files_name_the_file_and_line(tmp_path):
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "train.jsonl").write_text('{"question": "q", "answer": "a #### 1"}\nnot json\n')
+    with pytest.raises(DataError, match=r"train.jsonl:2: not a JSON object"):
+        Gsm8k(Gsm8kConfig(), tmp_path).splits()
+    (tmp_path / "gsm8k" / "train.jsonl").write_text('{"question": "q"}\n')
+    with pytest.raises(DataError, match=r"train.jsonl:1: missing .*answer"):
+        Gsm8k(Gsm8kConfig(), tmp_path).splits()
+    with pytest.raises(DataError, match="test.jsonl not found"):
+        (tmp_path / "gsm8k" / "train.jsonl").write_text('{"question": "q", "answer": "a #### 1"}\n')
+        Gsm8k(Gsm8kConfig(source="local"), tmp_path).splits()
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps([{"query": "q", "response": "The answer is: 1"}, {"query": "q2"}]))
+    (tmp_path / "gsm8k" / "test.jsonl").write_text('{"question": "q", "answer": "a #### 1"}\n')
+    with pytest.raises(DataError, match="record 1: missing .*response"):
+        Gsm8k(Gsm8kConfig(train_data="metamathqa", train_file=str(meta)), tmp_path).splits()
+    folder = tmp_path / "mmlu" / "data" / "dev"
+    folder.mkdir(parents=True)
+    (folder / "anatomy_dev.csv").write_text("q,a,b,c,d,E\n")
+    with pytest.raises(DataError, match="anatomy_dev.csv:1: answer 'E'"):
+        Mmlu(MmluConfig(), tmp_path).load_splits()
+
+
+def test_metamathqa_from_a_local_file(tmp_path):
+    (tmp_path / "gsm8k").mkdir()
+    for split in ("train", "test"):
+        (tmp_path / "gsm8k" / f"{split}.jsonl").write_text('{"question": "q", "answer": "a #### 1"}\n')
+    meta = tmp_path / "MetaMathQA-395K.json"
+    meta.write_text(json.dumps([{"query": f"q{i}", "response": f"The answer is: {i}"} for i in range(5)]))
+    train = Gsm8k(Gsm8kConfig(train_data="metamathqa", train_file=str(meta)), tmp_path).splits(max_train=3)["train"]
+    assert [r["prompt"] for r in train] == ["q0", "q1", "q2"]  # the first N, the study's slice
+
+
+def test_oasst2_pairs_take_the_best_ranked_reply():
+    rows = [{"message_id": "p", "parent_id": None, "role": "prompter", "text": "Hi?", "lang": "en"},
+            {"message_id": "a1", "parent_id": "p", "role": "assistant", "text": "second", "rank": 1, "lang": "en"},
+            {"message_id": "a0", "parent_id": "p", "role": "assistant", "text": "best", "rank": 0, "lang": "en"},
+            {"message_id": "q", "parent_id": None, "role": "prompter", "text": "Hola", "lang": "es"},
+            {"message_id": "b", "parent_id": "q", "role": "assistant", "text": "Hola!", "rank": 0, "lang": "es"}]
+    assert oasst2_pairs(rows, "en") == [{"prompt": "Hi?", "response": "best"}]
+    assert len(oasst2_pairs(rows, None)) == 2
+    with pytest.raises(DataError):
+        oasst2_pairs(rows, "de")
+
+
+# --------------------------------------------------------------------------- presets
+
+
+@pytest.mark.parametrize("name", ["gsm8k_gemma2_2b", "gsm8k_gemma2_2b_lora", "mmlu_gemma2_2b", "mmlu_gemma2_2b_lora",
+                                  "gsm8k_llama32_3b_peft"])
+def test_llm_presets_compose_and_validate(name):
+    spec = validate(compose_cfg(f"experiment={name}"))
+    assert spec.model.dtype == "bfloat16" and spec.task.name in ("gsm8k", "mmlu")
+    assert spec.trainer.name == "lm"
+
+
+@pytest.mark.parametrize("config, family, targets, density, expected", [
+    # the study: LoRA r64 on q/k/v/o of Gemma-2-2B
+    (Gemma2Config(hidden_size=2304, num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                  intermediate_size=9216, vocab_size=256), "llama", "attention", "lora:64", 25_559_040),
+    # the PEFT MetaMathQA benchmark: LoRA r32 on q/v of Llama-3.2-3B
+    (LlamaConfig(hidden_size=3072, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8,
+                 intermediate_size=8192, vocab_size=256), "llama", "qv", "lora:32", 9_175_040),
+])
+def test_preset_budgets_match_the_published_counts(config, family, targets, density, expected):
+    cls = Gemma2ForCausalLM if isinstance(config, Gemma2Config) else LlamaForCausalLM
+    with torch.device("meta"):
+        model = cls(config)
+    shapes = target_shapes(find_targets(model, family, targets, None))
+    assert Budget.parse(density).resolve(shapes) == expected
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    tok = tiny_tokenizer()
+    tok.save_pretrained(folder)
+    tiny_llama(len(tok), max_positions=2048).save_pretrained(folder)
+    return [f"model.name_or_path={folder}", "model.package=null", "model.gguf_file=null", "model.max_length=256"]
+
+
+FAST = ["debug=fast", "logger=none", "method.save_adapter=false", "trainer.grad_accum_steps=1",
+        "debug.max_train_steps=2", "debug.max_train_examples=16", "debug.max_score_examples=8"]
+
+
+@needs_data
+@pytest.mark.parametrize("method", ["sparse", "lora", "full"])
+def test_gsm8k_end_to_end_on_a_tiny_llama(tiny_lm, method, tmp_path):
+    cfg = compose_cfg(*FAST, "task=gsm8k", "model=smollm2_135m", *tiny_lm, f"method={method}",
+                      "debug.max_generate_examples=3", "debug.max_new_tokens=8", "task.eval_batch_size=2")
+    run(cfg, run_dir=tmp_path)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["status"] == "completed", data["error"]
+    assert set(data["metrics"]) == {"test/strict_match", "test/flexible_extract"}
+    assert data["main_metric"] == "test/flexible_extract" and data["evaluation"]["test"]["examples"] == 3
+    lines = (tmp_path / "predictions_test.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and {"completion", "strict", "flexible"} <= set(json.loads(lines[0]))
+    assert data["trainable"].get("head", 0) == 0  # the LM head is pretrained: never a new head
+    if method == "sparse":
+        assert data["trainable_params"] == 8 * 2 * (32 + 32) + 8 * 2 * (32 + 16) * 2 + 8 * 2 * (32 + 32)
+
+
+@needs_data
+def test_mmlu_end_to_end_and_zero_shot(tiny_lm, tmp_path):
+    cfg = compose_cfg(*FAST, "task=mmlu", "model=smollm2_135m", *tiny_lm, "task.subjects=[anatomy,astronomy]",
+                      "debug.max_eval_examples=4", "trainer.max_steps=0")
+    result = run(cfg, run_dir=tmp_path)
+    data = result.results
+    assert data["status"] == "completed" and data["train_steps"] == 0
+    assert set(data["metrics"]) == {"test/accuracy", "test/accuracy_macro", "test/subject/anatomy",
+                                    "test/subject/astronomy"}
+    assert 0 <= data["metrics"]["test/accuracy"] <= 1
+
+
+def test_head_only_is_refused_for_a_pretrained_lm_head():
+    with pytest.raises(ConfigError, match="pretrained LM head"):
+        plan_spec(validate(compose_cfg("task=mmlu", "model=smollm2_135m", "method=head_only")))
+
+
+@needs_data
+@pytest.mark.parametrize("task", ["gsm8k", "mmlu"])
+def test_smollm2_end_to_end_from_the_command_line(task, tmp_path):
+    """The issue's check, trimmed: the real packaged SmolLM2-135M trains a few steps and is evaluated."""
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    extra = (["debug.max_generate_examples=2", "debug.max_new_tokens=16"] if task == "gsm8k"
+             else ["task.subjects=[anatomy,astronomy]", "debug.max_eval_examples=4"])
+    cmd = [sys.executable, "run.py", *FAST, f"task={task}", "model=smollm2_135m", "task.max_length=128",
+           *extra, f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["status"] == "completed" and data["train_steps"] == 2
+    assert data["metrics"][data["main_metric"]] >= 0
