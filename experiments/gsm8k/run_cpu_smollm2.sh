@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # CPU measurements with the packaged SmolLM2-135M (2 cores): evaluation throughput and accuracy on
 # subsets of GSM8K and MMLU, zero-shot (the model as loaded: trainer.max_steps=0).
-# Full test sets are out of reach on CPU (1,319 GSM8K problems at ~0.1 problem/s; 14,042 MMLU
-# questions at ~1.5 questions/s), so the subsets are the first 10 GSM8K test problems and 2 questions
+# Full test sets are out of reach on CPU (1,319 GSM8K problems at ~0.05 problem/s; 14,042 MMLU
+# questions at ~0.7 question/s), so the subsets are the first 10 GSM8K test problems and 2 questions
 # from each of the 57 MMLU subjects. About 5 minutes on an idle 2-core machine.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
