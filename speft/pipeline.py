@@ -130,13 +130,12 @@ def reusable_result(run_dir: Path, config: dict, skip_completed: bool) -> dict |
     previous = read_result(run_dir)
     if previous is None or previous.get("status") != "completed":
         return None  # nothing there, or a failed or interrupted run: run (again)
-    strip = lambda c: {k: v for k, v in c.items() if k != "skip_completed"}  # noqa: E731
     if not skip_completed:
         raise ConfigError(f"{run_dir} already holds a completed results.json; add skip_completed=true to "
                           f"keep it and skip this run, or choose another output folder")
-    if strip(previous.get("config") or {}) != strip(config):
-        changed = sorted(k for k in set(config) | set(previous.get("config") or {})
-                         if k != "skip_completed" and (previous.get("config") or {}).get(k) != config.get(k))
+    old = previous.get("config") or {}
+    changed = sorted(k for k in old.keys() | config.keys() if k != "skip_completed" and old.get(k) != config.get(k))
+    if changed:
         raise ConfigError(f"{run_dir} holds a completed result of a different config (differs in: "
                           f"{', '.join(changed)}); it is kept. Re-launch the sweep with the same overrides "
                           f"or choose another hydra.sweep.dir")
