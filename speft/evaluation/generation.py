@@ -87,6 +87,18 @@ def length_order(lengths: Sequence[int]) -> list[int]:
     return sorted(range(len(lengths)), key=lambda i: -lengths[i])
 
 
+def padded(seqs: Sequence[Sequence[int]], pad: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of ``seqs`` padded to the longest, on the left or the right."""
+    width = max(len(q) for q in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, q in enumerate(seqs):
+        cols = slice(width - len(q), width) if left else slice(0, len(q))
+        ids[row, cols] = torch.tensor(q, dtype=torch.long)
+        mask[row, cols] = 1
+    return ids, mask
+
+
 # --------------------------------------------------------------------------- generation
 
 
@@ -144,12 +156,8 @@ def generate_until(model: nn.Module, tokenizer, prompts: Sequence[str], *, stop:
     with evaluating(model):
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            width = max(len(encoded[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):  # left padding
-                ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-                mask[row, width - len(encoded[i]):] = 1
+            ids, mask = padded([encoded[i] for i in idx], pad, left=True)
+            width = ids.shape[1]
             criteria = StoppingCriteriaList([StopOnStrings(tokenizer, stops, width)])
             generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
@@ -210,12 +218,7 @@ def score_positions(model: nn.Module, rows: Sequence[Sequence[int]], targets: Se
     order = length_order([len(r) for r in rows])
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        width = max(len(rows[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for r, i in enumerate(idx):  # right padding
-            ids[r, :len(rows[i])] = torch.tensor(rows[i])
-            mask[r, :len(rows[i])] = 1
+        ids, mask = padded([rows[i] for i in idx], pad, left=False)
         positions = sorted({p for i in idx for p, _ in targets[i]})
         column = {p: c for c, p in enumerate(positions)}
         logits = _logits_at(model, ids.to(device), mask.to(device), positions)

@@ -60,16 +60,21 @@ class ClassificationTask:
         out = self.load_splits()
         for name, rows in out.items():
             if name == "train":
-                cap = min_set(self.cfg.max_train_examples, max_train)
-                if cap is not None and cap < len(rows) and self.cfg.subset_seed is not None:
-                    order = list(range(len(rows)))
-                    random.Random(self.cfg.subset_seed).shuffle(order)
-                    rows = [rows[i] for i in order[:cap]]
-            else:
-                cap = min_set(self.cfg.max_eval_examples, max_eval)
-            if cap is not None:
+                out[name] = self.train_subset(rows, max_train)
+            elif (cap := min_set(self.cfg.max_eval_examples, max_eval)) is not None:
                 out[name] = rows[:cap]
         return out
+
+    def train_subset(self, rows: list[dict], max_train: int | None) -> list[dict]:
+        """The capped training split: the first N rows, or the first N of a ``subset_seed`` shuffle."""
+        cap = min_set(self.cfg.max_train_examples, max_train)
+        if cap is None or cap >= len(rows):
+            return rows
+        if self.cfg.subset_seed is not None:
+            order = list(range(len(rows)))
+            random.Random(self.cfg.subset_seed).shuffle(order)
+            return [rows[i] for i in order[:cap]]
+        return rows[:cap]
 
     def encode(self, tokenizer, rows: list[dict], max_length: int) -> list[dict]:
         """Tokenise; ``task.max_length``, when set, overrides the ``max_length`` passed in (the model's)."""

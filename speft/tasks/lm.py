@@ -117,17 +117,7 @@ class CausalLMTask(ClassificationTask):
     def splits(self, max_train: int | None = None, max_eval: int | None = None,
                max_generate: int | None = None) -> dict[str, list[dict]]:
         rows = self.load_splits()
-        cap = min_set(self.cfg.max_train_examples, max_train)
-        train = rows["train"]
-        if cap is not None and cap < len(train):
-            if self.cfg.subset_seed is not None:
-                import random
-
-                order = list(range(len(train)))
-                random.Random(self.cfg.subset_seed).shuffle(order)
-                train = [train[i] for i in order[:cap]]
-            else:
-                train = train[:cap]  # the first N in file order (the study: MetaMathQA's first 100,000)
+        train = self.train_subset(rows["train"], max_train)  # without subset_seed: the first N (the study's slice)
         return {"train": train, "test": self.cap_test(rows["test"], self.eval_cap(max_eval, max_generate))}
 
     def cap_test(self, rows: list[dict], cap: int | None) -> list[dict]:
