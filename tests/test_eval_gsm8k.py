@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import json
-import random
 
 import pytest
 import torch
@@ -123,13 +122,18 @@ def test_prompt_matches_the_harness_format():
     assert gsm8k.build_prompt("Q?", []) == "Question: Q?\nAnswer:"
 
 
-def test_fewshot_exemplars_follow_the_harness_sampler():
-    train = [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(50)]
-    shots = gsm8k.fewshot_exemplars(train, num_problems=3, num_fewshot=5)
-    rnd = random.Random(1234)  # one generator for the whole run, sampled once per problem in order
-    expected = [rnd.sample(train, 5) for _ in range(3)]
-    assert shots == expected
-    assert shots[0] != shots[1]
+# The train rows (0-based lines of gsm8k/train.jsonl, 7,473 rows) that lm-eval 0.4.13's sampler drew as the
+# 5-shot exemplars of GSM8K test problems 0-4 (fewshot_random_seed 1234), read off the harness's own prompts
+# by experiments/crosscheck/lm_eval_reference.py ("fewshot_train_indices" in tests/data/lm_eval/*.json).
+HARNESS_DRAWS = [[6374, 3610, 957, 61, 742], [7462, 6610, 4769, 286, 5501], [5677, 687, 806, 6279, 2905],
+                 [1939, 142, 252, 6461, 129], [2835, 5311, 5105, 3966, 5044]]
+GSM8K_TRAIN_ROWS = 7473
+
+
+def test_fewshot_exemplars_are_the_harness_draws():
+    train = [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(GSM8K_TRAIN_ROWS)]
+    shots = gsm8k.fewshot_exemplars(train, num_problems=len(HARNESS_DRAWS), num_fewshot=5)
+    assert [[int(gsm8k.target_answer(r["answer"])) for r in problem] for problem in shots] == HARNESS_DRAWS
 
 
 # --------------------------------------------------------------------------- generation on a tiny Llama

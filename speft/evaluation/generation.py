@@ -2,23 +2,39 @@
 a stop string (``generate_until``) and the log-likelihood of a continuation given a context
 (``loglikelihood``).
 
-Followed from EleutherAI/lm-evaluation-harness, ``lm_eval/models/huggingface.py`` (class ``HFLM``):
+Followed from lm-evaluation-harness 0.4.13, ``lm_eval/models/huggingface.py`` (class ``HFLM``, run with
+its defaults: ``add_bos_token`` unset, ``logits_cache=True``, no chat template), ``lm_eval/api/model.py``
+(``TemplateLM``) and ``lm_eval/models/utils.py``:
 
-- ``tok_encode`` / ``tok_batch_encode``: causal models are encoded with ``add_special_tokens=False``
-  (no BOS unless ``add_bos_token`` is set), and contexts are left-truncated.
-- ``max_length``: the first of ``n_positions``, ``max_position_embeddings``, ``n_ctx`` in the model config,
-  else the tokenizer's ``model_max_length``, else 2048.
-- ``generate_until``: requests sorted by token length (longest first) and batched with left padding;
-  contexts left-truncated to ``max_length - max_gen_toks``; greedy ``model.generate`` with the KV cache and
-  a stop-sequence criterion; the EOS token is added to the stop strings; the completion is decoded with
+- Special tokens (BOS): the tokenizer decides. ``HFLM`` encodes with the tokenizer's default
+  ``add_special_tokens``, so a tokenizer whose post-processor adds a BOS (Gemma, Llama, OPT) gets it, one
+  that adds none (SmolLM2, GPT-2) gets none; a text that already starts with the BOS text is encoded with
+  ``add_special_tokens=False``, so the BOS is never doubled. :func:`encode` is ``tok_encode`` (the prefix
+  checked is the decoded ``prefix_token_id``: BOS, else EOS); :func:`encode_prompt` is one row of
+  ``tok_batch_encode`` (the prefix checked is ``tokenizer.bos_token``). The harness's
+  ``add_bos_token=True/False`` is ``add_special_tokens=True/False`` here.
+- ``max_length``: ``resolve_max_length``: the first of ``n_positions``, ``max_position_embeddings``,
+  ``n_ctx`` in the model config (its ``text_config`` if it has one), else the tokenizer's
+  ``model_max_length``, else 2048.
+- ``generate_until``: requests sorted longest first by ``tok_encode`` length, ties by the prompt text
+  (the ``Collator`` key ``(-len(toks), context)``), batched with left padding; contexts left-truncated to
+  ``max_length - max_gen_toks``; greedy ``model.generate`` with the KV cache and a stop-sequence
+  criterion; the EOS token is added to the stop strings; the completion is decoded with
   ``skip_special_tokens=True`` and cut at every stop string (``s = s.split(term)[0]``); results are put
   back in input order.
-- ``_encode_pair``: trailing whitespace of the context moves to the continuation;
-  ``whole = enc(context + continuation)``, ``context_enc = enc(context)``,
-  ``continuation_enc = whole[len(context_enc):]``.
+- ``loglikelihood``: an empty context becomes ``[prefix_token_id]`` (BOS, else EOS) and the continuation
+  is encoded without special tokens; otherwise ``_encode_pair``: trailing whitespace of the context moves
+  to the continuation; ``whole = tok_encode(context + continuation)``, ``context_enc = tok_encode(context)``,
+  ``continuation_enc = whole[len(context_enc):]`` (so a tokenizer's BOS sits at the start of the context).
 - ``_loglikelihood_tokens``: the model reads ``(context_enc + continuation_enc)[-(max_length + 1):][:-1]``
   (left truncation), batches are right-padded, and the score is the sum of the log-softmax of the
   continuation tokens at the positions that predict them.
+
+What is equal, checked against lm-eval 0.4.13 itself in ``tests/test_eval_lm_eval_reference.py`` (a tiny
+Llama whose tokenizer adds BOS, and the packaged SmolLM2-135M): token ids of every prompt and request,
+prompts, completions (byte-identical) and log-likelihoods (within 1e-4). Where this differs by design: the
+harness decides special tokens once per generation batch from its first prompt (a later prompt that
+starts with the BOS text would get a second BOS); here each prompt decides for itself.
 """
 
 from __future__ import annotations
@@ -45,10 +61,11 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def max_positions(model: nn.Module, tokenizer=None) -> int:
-    """The harness's ``HFLM.max_length``: the model's context window in tokens."""
+    """The harness's ``HFLM.max_length`` (``resolve_max_length``): the model's context window in tokens."""
     config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
     for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
-        if config is not None and getattr(config, attr, None):
+        if getattr(config, attr, None) is not None:
             return int(getattr(config, attr))
     limit = getattr(tokenizer, "model_max_length", None)
     if limit and limit != HUGE_MODEL_MAX_LENGTH:
@@ -77,14 +94,40 @@ def evaluating(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def encode(tokenizer, text: str, add_special_tokens: bool = False) -> list[int]:
-    """The harness's ``tok_encode`` for causal models."""
-    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+def prefix_token_id(tokenizer) -> int | None:
+    """The harness's ``prefix_token_id``: BOS, else EOS (the context of an empty-context request)."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
 
-def length_order(lengths: Sequence[int]) -> list[int]:
-    """Indices, longest first (ties keep input order): the harness's ``Collator`` sort key ``-len(toks)``."""
-    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+def _special_tokens(text: str, prefix: str | None, add_special_tokens: bool | None) -> dict:
+    """Keyword for the tokenizer: forced, or none (its own default) unless ``text`` starts with ``prefix``."""
+    if add_special_tokens is not None:
+        return {"add_special_tokens": add_special_tokens}
+    if prefix and text.startswith(prefix):  # already has its BOS: never a second one
+        return {"add_special_tokens": False}
+    return {}
+
+
+def encode(tokenizer, text: str, add_special_tokens: bool | None = None) -> list[int]:
+    """The harness's ``tok_encode``: ``None`` lets the tokenizer add its special tokens (BOS), unless the
+    text already starts with the decoded ``prefix_token_id``; ``True``/``False`` force them."""
+    prefix_id = prefix_token_id(tokenizer)
+    prefix = tokenizer.decode(prefix_id) if add_special_tokens is None and prefix_id is not None else None
+    return list(tokenizer(text, **_special_tokens(text, prefix, add_special_tokens))["input_ids"])
+
+
+def encode_prompt(tokenizer, text: str, add_special_tokens: bool | None = None) -> list[int]:
+    """A generation prompt as one row of the harness's ``tok_batch_encode``: as :func:`encode`, but the
+    prefix that turns special tokens off is ``tokenizer.bos_token`` (the harness checks it per batch)."""
+    return list(tokenizer(text, **_special_tokens(text, tokenizer.bos_token, add_special_tokens))["input_ids"])
+
+
+def length_order(lengths: Sequence[int], ties: Sequence | None = None) -> list[int]:
+    """Indices, longest first: the harness's ``Collator`` sort key ``(-len(toks), ties)``; without
+    ``ties``, equal lengths keep input order."""
+    if ties is None:
+        return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return sorted(range(len(lengths)), key=lambda i: (-lengths[i], ties[i]))
 
 
 def padded(seqs: Sequence[Sequence[int]], pad: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,11 +177,12 @@ def cut_at_stops(text: str, stops: Sequence[str]) -> str:
 
 def generate_until(model: nn.Module, tokenizer, prompts: Sequence[str], *, stop: Sequence[str],
                    max_new_tokens: int = 256, batch_size: int = 8, device=None, max_context: int | None = None,
-                   add_special_tokens: bool = False) -> list[str]:
+                   add_special_tokens: bool | None = None) -> list[str]:
     """Greedy completions of ``prompts`` (input order), cut at the first stop string or EOS.
 
     ``max_context`` is the harness's ``max_length`` (context plus generation; default: the model's
-    positions): prompts are left-truncated to ``max_context - max_new_tokens`` tokens."""
+    positions): prompts are left-truncated to ``max_context - max_new_tokens`` tokens.
+    ``add_special_tokens``: ``None`` (the harness's default) lets the tokenizer add its BOS, once."""
     from transformers import StoppingCriteriaList
 
     device = device or model_device(model)
@@ -150,8 +194,9 @@ def generate_until(model: nn.Module, tokenizer, prompts: Sequence[str], *, stop:
     if tokenizer.eos_token:  # the harness adds the EOS string to `until`
         stops.append(tokenizer.eos_token)
 
-    encoded = [encode(tokenizer, p, add_special_tokens)[-keep:] for p in prompts]
-    order = length_order([len(e) for e in encoded])
+    encoded = [encode_prompt(tokenizer, p, add_special_tokens)[-keep:] for p in prompts]
+    # the harness sorts by the untruncated `tok_encode` length, ties by the prompt text
+    order = length_order([len(encode(tokenizer, p, add_special_tokens)) for p in prompts], ties=list(prompts))
     out: list[str] = [""] * len(prompts)
     with evaluating(model):
         for start in range(0, len(order), batch_size):
@@ -195,9 +240,10 @@ def _until_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
 # --------------------------------------------------------------------------- log-likelihood
 
 
-def encode_pair(tokenizer, context: str, continuation: str, add_special_tokens: bool = False
+def encode_pair(tokenizer, context: str, continuation: str, add_special_tokens: bool | None = None
                 ) -> tuple[list[int], list[int]]:
-    """The harness's ``_encode_pair``."""
+    """The harness's ``_encode_pair`` (non-empty context): with a BOS-adding tokenizer the BOS opens
+    ``context_enc`` and ``continuation_enc`` has none."""
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces > 0:
         continuation = context[-n_spaces:] + continuation
@@ -205,6 +251,19 @@ def encode_pair(tokenizer, context: str, continuation: str, add_special_tokens: 
     whole = encode(tokenizer, context + continuation, add_special_tokens)
     context_enc = encode(tokenizer, context, add_special_tokens)
     return context_enc, whole[len(context_enc):]
+
+
+def encode_request(tokenizer, context: str, continuation: str, add_special_tokens: bool | None = None
+                   ) -> tuple[list[int], list[int]]:
+    """The harness's ``loglikelihood`` tokenisation: an empty context is ``[prefix_token_id]`` (unless the
+    continuation already starts with it), otherwise :func:`encode_pair`."""
+    if context == "":
+        continuation_enc = encode(tokenizer, continuation, add_special_tokens=False)
+        prefix = prefix_token_id(tokenizer)
+        if continuation_enc and prefix == continuation_enc[0]:
+            return continuation_enc[:1], continuation_enc[1:]
+        return ([prefix] if prefix is not None else []), continuation_enc
+    return encode_pair(tokenizer, context, continuation, add_special_tokens)
 
 
 def score_positions(model: nn.Module, rows: Sequence[Sequence[int]], targets: Sequence[Sequence[tuple[int, int]]],
@@ -241,15 +300,17 @@ def _logits_at(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, position
 
 
 def loglikelihood(model: nn.Module, tokenizer, requests: Sequence[tuple[str, str]], *, batch_size: int = 8,
-                  device=None, max_context: int | None = None, add_special_tokens: bool = False) -> list[float]:
+                  device=None, max_context: int | None = None, add_special_tokens: bool | None = None
+                  ) -> list[float]:
     """Summed log-probability of each ``continuation`` given its ``context`` (the harness's general path).
 
-    ``max_context`` is the harness's ``max_length`` (default: the model's positions)."""
+    ``max_context`` is the harness's ``max_length`` (default: the model's positions).
+    ``add_special_tokens``: ``None`` (the harness's default) lets the tokenizer add its BOS, once."""
     device = device or model_device(model)
     max_context = max_context or max_positions(model, tokenizer)
     rows, targets = [], []
     for context, continuation in requests:
-        context_enc, continuation_enc = encode_pair(tokenizer, context, continuation, add_special_tokens)
+        context_enc, continuation_enc = encode_request(tokenizer, context, continuation, add_special_tokens)
         if not context_enc or not continuation_enc:
             raise ValueError(f"empty context or continuation after tokenisation: {(context, continuation)!r}")
         row, target = pair_row(context_enc, continuation_enc, max_context)

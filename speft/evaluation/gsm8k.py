@@ -1,5 +1,11 @@
-"""GSM8K as lm-evaluation-harness's ``gsm8k`` task (version 3.0): k-shot greedy generation, scored by
-exact match of the extracted number.
+"""GSM8K as lm-evaluation-harness 0.4.13's ``gsm8k`` task (version 3.0): k-shot greedy generation, scored
+by exact match of the extracted number.
+
+What is equal to the harness (``HFLM`` with its defaults, no chat template), checked against lm-eval 0.4.13
+itself in ``tests/test_eval_lm_eval_reference.py``: the prompt string of every problem (with
+``fewshot=harness`` exemplars, i.e. :func:`fewshot_exemplars`), its token ids (the tokenizer's BOS added
+once, as the harness), the completion string, the strict and flexible extractions and their exact-match
+scores. Not covered: the harness's chat-template and multi-turn options.
 
 Followed from EleutherAI/lm-evaluation-harness:
 
@@ -107,7 +113,7 @@ def evaluate(model: nn.Module, tokenizer, problems: Sequence[dict],
              exemplars: Sequence[dict] | Sequence[Sequence[dict]], *, max_new_tokens: int = 256,
              batch_size: int = 8, stop: tuple[str, ...] = STOP, device=None,
              predictions_path: str | Path | None = None, max_context: int | None = None,
-             add_special_tokens: bool = False) -> dict[str, float]:
+             add_special_tokens: bool | None = None) -> dict[str, float]:
     """Greedy k-shot GSM8K accuracy under both harness filters.
 
     ``problems``: rows ``{"question", "answer"}``. ``exemplars``: one list of rows shared by every
@@ -115,6 +121,8 @@ def evaluate(model: nn.Module, tokenizer, problems: Sequence[dict],
     ``max_context``: the harness's ``max_length`` (prompt + generation, default: the model's positions);
     prompts are left-truncated to ``max_context - max_new_tokens`` tokens.
     ``predictions_path``: one JSON line per problem, in input order.
+    ``add_special_tokens``: ``None`` (the harness's default) lets the tokenizer add its BOS, never twice;
+    ``True``/``False`` is the harness's ``add_bos_token``.
 
     Returns ``{"strict_match", "flexible_extract", "num_examples", "problems_per_s"}``."""
     per_problem = bool(exemplars) and not isinstance(exemplars[0], dict)

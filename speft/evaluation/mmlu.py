@@ -1,5 +1,10 @@
-"""MMLU as lm-evaluation-harness's ``mmlu`` task (the ``default`` variant): 5-shot from dev, each answer
-letter scored by its log-likelihood after ``Answer:``.
+"""MMLU as lm-evaluation-harness 0.4.13's ``mmlu`` task (the ``default`` variant): 5-shot from dev, each
+answer letter scored by its log-likelihood after ``Answer:``.
+
+What is equal to the harness (``HFLM`` with its defaults, no chat template), checked against lm-eval 0.4.13
+itself in ``tests/test_eval_lm_eval_reference.py``: the prompt string of every question, the token ids of
+each (context, continuation) request (the tokenizer's BOS added once, at the start of the context), the
+four choice log-likelihoods (within 1e-4: batching and padding differ) and the per-question prediction.
 
 Followed from EleutherAI/lm-evaluation-harness:
 
@@ -83,13 +88,14 @@ def dev_exemplars(dev: Sequence[dict], num_fewshot: int) -> dict[str, list[dict]
 
 def evaluate(model: nn.Module, tokenizer, test: Sequence[dict], dev: Sequence[dict], *, num_fewshot: int = 5,
              batch_size: int = 8, device=None, predictions_path: str | Path | None = None,
-             max_context: int | None = None, fast_path: bool = True, add_special_tokens: bool = False) -> dict:
+             max_context: int | None = None, fast_path: bool = True, add_special_tokens: bool | None = None) -> dict:
     """k-shot MMLU accuracy by answer-letter log-likelihood.
 
     Rows: ``{"subject", "question", "choices": [4 str], "answer": 0..3}``. ``max_context``: the harness's
     ``max_length`` (default: the model's positions); longer prompts keep their end. ``fast_path``: one
     forward per question when each of ``" A" .. " D"`` is a single token after the prompt (exactly the
-    same scores); ``False`` scores every (prompt, choice) pair separately.
+    same scores); ``False`` scores every (prompt, choice) pair separately. ``add_special_tokens``: ``None``
+    (the harness's default) lets the tokenizer add its BOS, never twice.
 
     Returns ``{"accuracy", "accuracy_macro", "subjects": {subject: acc}, "num_examples",
     "questions_per_s"}``."""
@@ -132,7 +138,7 @@ def evaluate(model: nn.Module, tokenizer, test: Sequence[dict], dev: Sequence[di
 
 def choice_loglikelihoods(model: nn.Module, tokenizer, prompts: Sequence[str], *, choices: Sequence[str] = CHOICES,
                           batch_size: int = 8, device=None, max_context: int | None = None, fast_path: bool = True,
-                          add_special_tokens: bool = False) -> list[list[float]]:
+                          add_special_tokens: bool | None = None) -> list[list[float]]:
     """``log p(" " + choice | prompt)`` for every prompt and choice, with the harness's tokenisation."""
     device = device or model_device(model)
     max_context = max_context or max_positions(model, tokenizer)

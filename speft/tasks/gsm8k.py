@@ -10,8 +10,9 @@ Training data (``task.train_data``):
 
 Evaluation: the 1,319 test problems, ``num_fewshot`` exemplars from GSM8K train (``fewshot=harness``:
 drawn per problem by lm-eval-harness's seeded sampler, so prompts equal the harness's; ``first_n``: the
-first k for every problem), greedy generation, ``strict_match`` and ``flexible_extract`` accuracy
-(:mod:`speft.evaluation.gsm8k`). Predictions go to ``predictions_test.jsonl`` beside ``results.json``.
+first k for every problem), tokenised as the harness (the tokenizer's own BOS, once), greedy generation,
+``strict_match`` and ``flexible_extract`` accuracy (:mod:`speft.evaluation.gsm8k`). Predictions go to
+``predictions_test.jsonl`` beside ``results.json``.
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ Training data (``task.train_data``):
   ``<data_dir>/oasst2/train.jsonl`` (the Hub rows as JSON lines) or the Hub (``OpenAssistant/oasst2``).
 
 Evaluation: MMLU test (57 subjects, or ``task.subjects``), 5-shot from dev (the first five of each
-subject), scored by the log-likelihood of " A".." D" (:mod:`speft.evaluation.mmlu`); ``accuracy`` is the
-average over questions, ``accuracy_macro`` over subjects, plus one ``subject/<name>`` entry per subject.
+subject), scored by the log-likelihood of " A".." D" with the harness's tokenisation (the tokenizer's
+own BOS, once; :mod:`speft.evaluation.mmlu`); ``accuracy`` is the average over questions,
+``accuracy_macro`` over subjects, plus one ``subject/<name>`` entry per subject.
 Local layout ``<data_dir>/mmlu/data/{dev,test}/<subject>_{dev,test}.csv``, else the Hub (``cais/mmlu``).
 A cap on evaluation examples (``max_eval_examples``, ``debug``) takes the same number from each subject.
 """
