@@ -150,6 +150,9 @@ def test_the_study_glue_preset_has_its_hyperparameters():
     assert (lora.name, lora.rank, lora.alpha, lora.dropout) == ("lora", 8, 8, 0.05)
     pissa = validate(compose_cfg("experiment=glue_opt350m_pissa")).method
     assert pissa.svd_niter == 4
+    pissa_cls = registry.get("method", "pissa").obj
+    assert pissa_cls(pissa).peft_options == {"init_lora_weights": "pissa_niter_4"}  # sparse_peft.py's fast SVD
+    assert pissa_cls(validate(compose_cfg("method=pissa")).method).peft_options == {"init_lora_weights": "pissa"}
 
 
 def test_every_experiment_value_cites_its_source():

@@ -297,6 +297,7 @@ def test_synflow_on_a_transformer_bypasses_activations_and_restores_everything()
     model, targets = tiny_bert()
     acts = {n: m for n, m in model.named_modules() if is_activation(m)}
     assert acts  # BERT's GELU and the pooler's tanh
+    attn = model.config._attn_implementation
     batches = tiny_batches(n=4, seq=8, batch=2)
     before = bits(model)
     model.eval()
@@ -305,6 +306,7 @@ def test_synflow_on_a_transformer_bypasses_activations_and_restores_everything()
     assert all(torch.equal(before[k], v) for k, v in bits(model).items())
     assert {n: m for n, m in model.named_modules() if is_activation(m)} == acts
     assert torch.nn.functional.softmax(torch.tensor([0.0, 1.0]), dim=0)[1] > 0.7  # softmax is back
+    assert model.config._attn_implementation == attn  # the eager attention of the pass is undone
     assert all(torch.equal(a, model(**b).logits) for a, b in zip(out_before, batches))
     assert all(torch.isfinite(s).all() and (s >= 0).all() and s.sum() > 0 for s in scores.values())
 
@@ -472,3 +474,17 @@ def test_synflow_recipe_must_be_a_known_name():
 
     with pytest.raises(ConfigError, match="released, modules"):
         registry.get("metric", "synflow").schema(recipe="paper")
+
+
+def test_synflow_released_recipe_replaces_the_attention_softmax_of_a_transformer():
+    """With softmax as the identity, the attention output of one token scales with q·k, so the query
+    and key weights get a gradient; with softmax kept (one key: weight 1) they get none."""
+    model, targets = tiny_bert()
+    from .conftest import tiny_batches
+
+    batches = tiny_batches(n=4, seq=8, batch=2)
+    entry = registry.get("metric", "synflow")
+    released = entry.obj(entry.schema()).score(context(model, targets, batches))
+    query = [n for n in targets if n.endswith("query")]
+    total = sum(float(s.sum()) for s in released.values())
+    assert query and all(float(released[n].sum()) > 1e-3 * total for n in query)  # kept softmax: ~1e-8 of it

@@ -7,9 +7,11 @@ for an all-ones input on the "linearised" network. Two recipes (``metric.recipe`
   bool per entry, and restored exactly);
 * every *functional* activation of ``torch.nn.functional`` in the released list (relu, gelu, silu,
   tanh, sigmoid, glu, ..., and ``softmax``, ``softmin``, ``log_softmax``) is the identity during the
-  pass, so eager attention's softmax is too. Activation modules that call these functions (``nn.GELU``,
-  ``nn.SiLU``, ...) follow; code that bypasses them (a function bound at construction, ``torch.tanh``,
-  fused attention kernels) keeps its non-linearity, as in the released code;
+  pass, softmax attention included: Hugging Face models run their eager attention for the pass (the
+  released code's commented-out ``hack_forward`` did the same for SDPA attention), whose softmax is
+  ``F.softmax``. Activation modules that call these functions (``nn.GELU``, ``nn.SiLU``, ...) follow;
+  code that bypasses them (a function bound at construction, ``torch.tanh``) keeps its non-linearity,
+  as in the released code;
 * the input is one all-ones token: ``inputs_embeds`` of shape (1, 1, d) when the model's forward takes
   ``inputs_embeds`` (as the released code), else a one-token ``input_ids`` whose input-embedding output
   a forward hook replaces by ones (the same thing for models that add positions after that module).
@@ -72,6 +74,22 @@ def identity_functionals() -> Iterator[None]:
     finally:
         for name, fn in saved.items():
             setattr(F, name, fn)
+
+
+@contextmanager
+def eager_attention(model: nn.Module) -> Iterator[None]:
+    """Hugging Face attention through its eager path inside the block (its softmax is
+    ``torch.nn.functional.softmax``, which the released recipe replaces; fused kernels would hide it)."""
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None
+               and hasattr(c, "_attn_implementation")}
+    saved = {k: c._attn_implementation for k, c in configs.items()}
+    try:
+        for c in configs.values():
+            c._attn_implementation = "eager"
+        yield
+    finally:
+        for k, c in configs.items():
+            c._attn_implementation = saved[k]
 
 
 @contextmanager
@@ -151,6 +169,7 @@ class Synflow(SalienceMetric):
         try:
             with linearized(model, swap_modules=not released), \
                     (identity_functionals() if released else nullcontext()), \
+                    (eager_attention(model) if released else nullcontext()), \
                     target_gradients(model, targets, lambda name, g: grads[name].add_(g.to(grads[name].device))):
                 model(**inputs).logits.float().sum().backward()
                 scores = {name: buf.mul_(weight(targets[name], buf)).abs_() for name, buf in grads.items()}
