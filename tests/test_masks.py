@@ -215,3 +215,17 @@ def test_dynamic_mode_must_be_a_known_name():
 
     with pytest.raises(ConfigError, match="paper, released"):
         DynamicMaskConfig(mode="rigl")
+
+
+def test_dynamic_released_mode_end_to_end_keeps_the_initial_mask(tmp_path, caplog):
+    """The pipeline hands the schedule the epoch length and accumulation: updates at micro-batches 2, 4
+    of debug=fast's 5 steps, each a merge/zero/reset, the final mask the initial one."""
+    overrides = ["debug=fast", "logger=none", "mask=dynamic", "mask.mode=released", "mask.update_every_steps=2",
+                 "trainer.grad_accum_steps=1", "method.save_adapter=false"]
+    run(compose_cfg(*overrides), run_dir=tmp_path)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["status"] == "completed"
+    assert [(u["step"], u["kind"], u["changed"]) for u in data["mask_updates"]] == [(2, "merge_reset", 0),
+                                                                                 (4, "merge_reset", 0)]
+    assert all(u["overlap_initial"] == 1.0 for u in data["mask_updates"])
+    assert data["mask_final"] == {n: {"selected": m["selected"], "total": m["total"]} for n, m in data["mask"].items()}
