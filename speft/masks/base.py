@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class MaskConfig:
     name: str = "???"  # the option's name, the same as its YAML file
-    selection: str = "global"  # global: one top-k over all targets; local: the same density per module
+    selection: str = "global"  # global: one top-k over all targets; local: per module, counts by the budget form
 
     def __post_init__(self) -> None:
         check_choice("mask.selection", self.selection, sorted(SELECTIONS))
