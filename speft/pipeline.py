@@ -96,6 +96,7 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", sweep_dir: str | 
     task = classes["task"](spec.task, spec.paths.resolve("data_dir"))
     shapes, k = plan(spec, task)
     metric, mask, method = classes["metric"](spec.metric), classes["mask"](spec.mask), classes["method"](spec.method)
+    mask.budget = spec.budget  # local selection: per-module counts follow the budget's form
     logger = classes["logger"](spec.logger)
     config = spec.resolved()
     previous = reusable_result(run_dir, config, spec.skip_completed)
@@ -243,7 +244,8 @@ def _execute(spec: Spec, task, metric, mask, method, logger, record: RunRecord, 
         return metric.score(ScoreContext(model, sparse_layers(model), batches, n, spec.seed))
 
     def bind_mask(optimizer, steps: int) -> None:
-        mask.bind(MaskRuntime(model, sparse_layers(model), optimizer, steps, k, rescore))
+        mask.bind(MaskRuntime(model, sparse_layers(model), optimizer, steps, k, rescore,
+                              batches_per_epoch=len(train_loader), grad_accum_steps=tcfg.grad_accum_steps))
 
     dynamic = getattr(mask, "dynamic", False)
     t0 = time.perf_counter()

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -124,7 +125,8 @@ def test_cli_rejects_bad_config_quickly_and_writes_nothing(tmp_path, args, expec
 
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
-OWN_SEEDS = {"gsm8k_llama32_3b_peft": 0, "mini_study": 1}  # the PEFT benchmark's seed; the mini-study's
+OWN_SEEDS = {"gsm8k_llama32_3b_peft": 0, "mini_study": 1,  # the PEFT benchmark's seed; the mini-study's
+             "mmlu_gemma2_2b": 242, "mmlu_gemma2_2b_lora": 242}  # run_sparse_mmlu.sh / run_lora_mmlu.sh --seed=242
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -142,5 +144,63 @@ def test_the_study_glue_preset_has_its_hyperparameters():
     assert (t.lr, t.weight_decay, t.scheduler, t.warmup_ratio, t.batch_size, t.grad_accum_steps, t.epochs) == (
         5e-5, 0.0, "linear", 0.0, 32, 2, 30)
     assert spec.model.max_length == 196 and spec.method.targets == "qkv"
+    assert t.max_grad_norm is None and spec.method.train_head is False  # the released loop: no clipping, frozen head
+    assert spec.model.dtype == "float32"
     lora = validate(compose_cfg("experiment=glue_opt350m_lora")).method
     assert (lora.name, lora.rank, lora.alpha, lora.dropout) == ("lora", 8, 8, 0.05)
+    pissa = validate(compose_cfg("experiment=glue_opt350m_pissa")).method
+    assert pissa.svd_niter == 4
+    pissa_cls = registry.get("method", "pissa").obj
+    assert pissa_cls(pissa).peft_options == {"init_lora_weights": "pissa_niter_4"}  # sparse_peft.py's fast SVD
+    assert pissa_cls(validate(compose_cfg("method=pissa")).method).peft_options == {"init_lora_weights": "pissa"}
+
+
+def test_every_experiment_value_cites_its_source():
+    """Each value line of a study preset carries a comment (the released script and line, or why)."""
+    import re
+
+    value = re.compile(r"^\s*[\w.]+:\s*[^\s#]")  # "key: value" (not a section header, not a defaults entry)
+    missing = [f"{path.name}:{n}: {line.strip()}" for path in sorted((CONF / "experiment").glob("*.yaml"))
+               for n, line in enumerate(path.read_text().splitlines(), 1) if value.match(line) and "#" not in line]
+    assert not missing, "values without a source comment:\n" + "\n".join(missing)
+
+
+def test_the_released_llm_recipes():
+    math = validate(compose_cfg("experiment=gsm8k_gemma2_2b"))
+    t = math.trainer
+    assert (t.scheduler, t.max_grad_norm, t.group_by_length, t.lr, t.warmup_ratio) == ("linear", 1.0, False, 2e-5, 0.03)
+    assert math.model.dtype == "float32" and math.seed == 42
+    assert validate(compose_cfg("experiment=gsm8k_gemma2_2b_lora")).trainer.scheduler == "cosine"
+    mmlu = validate(compose_cfg("experiment=mmlu_gemma2_2b"))
+    assert (mmlu.seed, mmlu.trainer.scheduler, mmlu.trainer.max_steps, mmlu.trainer.lr) == (242, "linear", 2000, 1e-5)
+
+
+def test_the_qwen2_7b_math_preset_budget_on_a_meta_model():
+    """run_sparse_math.sh: sparse_k=40370176 on Qwen2-7B, which is LoRA r64 on q/k/v/o."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from speft.models.loading import find_targets, target_shapes
+
+    spec = validate(compose_cfg("experiment=gsm8k_qwen2_7b"))
+    assert spec.model.name_or_path == "Qwen/Qwen2-7B" and spec.method.targets == "attention"
+    config = Qwen2Config(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                         intermediate_size=18944, vocab_size=256)  # Qwen2-7B's shapes (a small vocabulary)
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config)
+    shapes = target_shapes(find_targets(model, spec.model.family, spec.method.targets, None))
+    assert len(shapes) == 4 * 28
+    assert spec.budget.resolve(shapes) == 40_370_176 == Budget.parse("lora:64").resolve(shapes)
+
+
+def test_a_hub_only_model_that_cannot_load_says_so_in_one_line(tmp_path):
+    from speft.config import ModelConfig
+    from speft.models.loading import hub_only_hint
+
+    cfg = ModelConfig(name="qwen2_7b", name_or_path="Qwen/Qwen2-7B", family="llama")
+    with pytest.raises(ConfigError, match=r"model=qwen2_7b: Qwen/Qwen2-7B .*HF_HOME.*model.name_or_path") as e:
+        with hub_only_hint(cfg, "Qwen/Qwen2-7B"):
+            raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+    assert "\n" not in str(e.value)
+    with pytest.raises(OSError):  # a local folder's own error is kept as it is
+        with hub_only_hint(cfg, str(tmp_path)):
+            raise OSError("config.json missing")

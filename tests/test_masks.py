@@ -41,7 +41,7 @@ def test_every_mask_runs_with_an_exact_budget(name, selection, tmp_path):
         assert sum(m["selected"] for m in data["mask_final"].values()) == k
         assert all(0 <= u["overlap_initial"] <= 1 for u in data["mask_updates"])
     if selection == "local":
-        for m in data["mask"].values():  # the same density in every module (up to rounding)
+        for m in data["mask"].values():  # MiniLM targets are all 384 x 384: every budget form gives one density
             assert abs(m["selected"] / m["total"] - k / data["budget"]["target_entries"]) < 1e-4
     assert (tmp_path / "adapter" / "adapter.safetensors").is_file()
 
@@ -134,3 +134,98 @@ def test_reselect_merges_restarts_and_still_exports_the_full_delta(tmp_path):
     unload(model, merge=False)
     for n, p in model.state_dict().items():
         assert torch.equal(p, original[n]), n
+
+
+def test_dynamic_paper_mode_is_reselect_with_the_papers_numbers(compose_config):
+    from speft.masks.dynamic import DynamicMask, DynamicMaskConfig
+
+    cfg = compose_config("mask=dynamic").mask
+    assert (cfg.name, cfg.update_every_steps, cfg.num_score_examples, cfg.mode) == ("dynamic", 1000, 1024, "paper")
+    scores = {"0": torch.rand(5, 6, generator=torch.Generator().manual_seed(1)),
+              "2": torch.rand(4, 5, generator=torch.Generator().manual_seed(2))}
+    asked = []
+    schedule = DynamicMask(DynamicMaskConfig(update_every_steps=5))
+    _, layers, opt, _ = setup_runtime(schedule, lambda n: asked.append(n) or scores)
+    assert schedule.on_step_end(4) is None
+    record = schedule.on_step_end(5)
+    assert asked == [1024] and record["kind"] == "dynamic"
+    # selected anew: exactly the top-12 of the scores, values zero, fresh moments
+    expected = schedule.select(scores, 12)
+    for name, layer in layers.items():
+        assert torch.equal(layer.indices.long(), expected[name])
+        assert torch.all(layer.values == 0) and layer.values not in opt.state
+
+
+@pytest.mark.parametrize("accum,per_epoch,fires", [
+    (1, 0, [3, 6, 9]),       # every 3rd micro-batch, no epoch boundary
+    (1, 7, [3, 6, 10, 13]),  # the count restarts each epoch of 7 micro-batches: 3, 6 | 3, 6 (steps 10, 13)
+    (2, 0, [2, 3, 5, 6, 8, 9]),  # accumulation: the first optimizer step at or after micro-batches 3, 6, 9, ...
+])
+def test_dynamic_released_mode_merges_zeroes_resets_and_keeps_the_mask(accum, per_epoch, fires):
+    """The released code's dynamic mode, written out: every N-th micro-batch of an epoch, W += delta,
+    values = 0, Adam state of the values cleared, the same indices."""
+    from speft.masks.dynamic import DynamicMask, DynamicMaskConfig
+
+    def no_scoring(n):
+        raise AssertionError("mode=released never re-scores")
+
+    schedule = DynamicMask(DynamicMaskConfig(update_every_steps=3, mode="released"))
+    model, layers, opt, _ = setup_runtime(schedule, no_scoring)
+    schedule.runtime.grad_accum_steps, schedule.runtime.batches_per_epoch = accum, per_epoch
+    indices = {n: layer.indices.clone() for n, layer in layers.items()}
+    fired = []
+    for step in range(1, 14 if per_epoch else 10):
+        # train a little so that there is a delta and Adam state to merge and clear
+        model(torch.randn(8, 6)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        x = torch.randn(3, 6)
+        before = model(x).detach()
+        for layer in layers.values():
+            layer.sync()
+        weights = {n: layer.base.weight.detach().clone() for n, layer in layers.items()}  # W0 + delta
+        if schedule.on_step_end(step):
+            fired.append(step)
+            torch.testing.assert_close(model(x), before)  # merged: the function is unchanged
+            for name, layer in layers.items():
+                assert torch.equal(layer.indices, indices[name])  # the mask is unchanged
+                assert torch.all(layer.values == 0) and layer.values not in opt.state
+                assert any(p is layer.values for p in opt.param_groups[0]["params"])
+                layer.sync()
+                assert torch.equal(layer.base.weight, weights[name])  # W ← W0 + delta, values restart at 0
+                assert torch.equal(layer.base_values, weights[name].view(-1)[layer.indices.long()])
+    assert fired == fires
+
+
+def test_a_dynamic_schedule_that_cannot_fire_warns_naming_both_numbers(caplog):
+    from speft.masks.dynamic import DynamicMask, DynamicMaskConfig
+
+    with caplog.at_level("WARNING"):
+        setup_runtime(DynamicMask(DynamicMaskConfig()), lambda n: {})  # 1000 steps, a run of 100
+    assert "every 1000 optimizer steps" in caplog.text and "the run has 100" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        setup_runtime(DynamicMask(DynamicMaskConfig(update_every_steps=99)), lambda n: {})
+    assert caplog.text == ""
+
+
+def test_dynamic_mode_must_be_a_known_name():
+    from speft.masks.dynamic import DynamicMaskConfig
+    from speft.registry import ConfigError
+
+    with pytest.raises(ConfigError, match="paper, released"):
+        DynamicMaskConfig(mode="rigl")
+
+
+def test_dynamic_released_mode_end_to_end_keeps_the_initial_mask(tmp_path, caplog):
+    """The pipeline hands the schedule the epoch length and accumulation: updates at micro-batches 2, 4
+    of debug=fast's 5 steps, each a merge/zero/reset, the final mask the initial one."""
+    overrides = ["debug=fast", "logger=none", "mask=dynamic", "mask.mode=released", "mask.update_every_steps=2",
+                 "trainer.grad_accum_steps=1", "method.save_adapter=false"]
+    run(compose_cfg(*overrides), run_dir=tmp_path)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["status"] == "completed"
+    assert [(u["step"], u["kind"], u["changed"]) for u in data["mask_updates"]] == [(2, "merge_reset", 0),
+                                                                                 (4, "merge_reset", 0)]
+    assert all(u["overlap_initial"] == 1.0 for u in data["mask_updates"])
+    assert data["mask_final"] == {n: {"selected": m["selected"], "total": m["total"]} for n, m in data["mask"].items()}

@@ -256,7 +256,7 @@ def bits(model):
             for k, v in model.state_dict().items()}
 
 
-def test_synflow_matches_a_reference_and_leaves_weights_and_outputs_bit_identical():
+def test_synflow_modules_recipe_matches_a_reference_and_leaves_weights_and_outputs_bit_identical():
     from .conftest import tiny_batches
 
     model = ActClassifier()
@@ -268,7 +268,8 @@ def test_synflow_matches_a_reference_and_leaves_weights_and_outputs_bit_identica
     act = model.act
     model.eval()
     out_before = [model(**b).logits for b in batches]
-    scores = make_metric("synflow").score(context(model, targets, batches))
+    entry = registry.get("metric", "synflow")
+    scores = entry.obj(entry.schema(recipe="modules")).score(context(model, targets, batches))
     after = bits(model)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert model.act is act
@@ -296,6 +297,7 @@ def test_synflow_on_a_transformer_bypasses_activations_and_restores_everything()
     model, targets = tiny_bert()
     acts = {n: m for n, m in model.named_modules() if is_activation(m)}
     assert acts  # BERT's GELU and the pooler's tanh
+    attn = model.config._attn_implementation
     batches = tiny_batches(n=4, seq=8, batch=2)
     before = bits(model)
     model.eval()
@@ -303,6 +305,8 @@ def test_synflow_on_a_transformer_bypasses_activations_and_restores_everything()
     scores = make_metric("synflow").score(context(model, targets, batches))
     assert all(torch.equal(before[k], v) for k, v in bits(model).items())
     assert {n: m for n, m in model.named_modules() if is_activation(m)} == acts
+    assert torch.nn.functional.softmax(torch.tensor([0.0, 1.0]), dim=0)[1] > 0.7  # softmax is back
+    assert model.config._attn_implementation == attn  # the eager attention of the pass is undone
     assert all(torch.equal(a, model(**b).logits) for a, b in zip(out_before, batches))
     assert all(torch.isfinite(s).all() and (s >= 0).all() and s.sum() > 0 for s in scores.values())
 
@@ -319,3 +323,168 @@ def test_every_metric_runs_on_a_tiny_transformer_and_leaves_it_bit_identical(nam
     assert set(scores) == set(targets) and all(torch.isfinite(s).all() for s in scores.values())
     assert all(torch.equal(before[k], v) for k, v in bits(model).items())
     assert all(p.grad is None for p in model.parameters())
+
+
+# The released code's names (model/sparse_peft.py, update_linear_sparse's score_funcs), written out as
+# it computes them from the weight w and the mean gradient s.
+RELEASED = {
+    "gradient": lambda w, s: torch.abs(s),
+    "saliency": lambda w, s: torch.abs(w * s),
+    "skeletonization": lambda w, s: -w * s,
+    "Taylor-FO": lambda w, s: (w * s) ** 2,
+}
+
+
+def test_the_aliases_are_exactly_the_released_codes_names():
+    assert registry.aliases("metric") == {"gradient": "grad", "saliency": "snip", "skeletonization": "force",
+                                          "Taylor-FO": "taylor_fo", "fisher_info": "fisher"}
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED))
+def test_each_released_name_computes_the_released_formula(name, tiny):
+    model, targets, batches = tiny
+    scores = make_metric(name).score(context(model, targets, batches))
+    grads = full_gradient(model, targets, batches)
+    for n, m in targets.items():
+        torch.testing.assert_close(scores[n], RELEASED[name](m.weight.detach(), grads[n]), **TOL)
+
+
+def test_fisher_info_is_the_released_mean_squared_per_example_gradient(tiny):
+    """compute_fisher_info_scores: Σ over examples of (per-example gradient)², divided by the count."""
+    model, targets, batches = tiny
+    scores = make_metric("fisher_info").score(context(model, targets, batches))
+    data = full_batch(batches)
+    expected = {n: torch.zeros_like(m.weight) for n, m in targets.items()}
+    n_examples = data["labels"].shape[0]
+    for i in range(n_examples):
+        grads = full_gradient(model, targets, [{k: v[i : i + 1] for k, v in data.items()}])
+        for n in targets:
+            expected[n] += grads[n] ** 2 / n_examples
+    for n in targets:
+        torch.testing.assert_close(scores[n], expected[n], atol=1e-7, rtol=1e-4)
+
+
+def test_an_unknown_metric_name_fails_with_the_choices():
+    from speft.registry import ConfigError
+
+    with pytest.raises(ConfigError, match="Available: .*force.*grad"):
+        registry.get("metric", "skeleton")
+
+
+def test_grasp_on_a_regression_head_does_not_temper_the_squared_error():
+    """Released compute_grasp_scores tempers CrossEntropyLoss only: on a one-output regression head
+    (STS-B) the score is W ⊙ (H g) of the plain mean squared error, written out with hvp."""
+    import torch.nn.functional as F
+    from torch.func import functional_call
+
+    from .conftest import TinyClassifier, tiny_batches
+
+    model = TinyClassifier(labels=1)
+    batches = tiny_batches()
+    for i, b in enumerate(batches):
+        b["labels"] = torch.linspace(0, 5, b["labels"].shape[0]) + i  # float similarity scores
+    targets = {"q": model.q, "o": model.o}
+    entry = registry.get("metric", "grasp")
+    scores = entry.obj(entry.schema(temperature=200.0)).score(context(model, targets, batches))
+
+    model.eval()
+    names = list(targets)
+    shapes = [targets[n].weight.shape for n in names]
+    sizes = [s.numel() for s in shapes]
+    flat = torch.cat([targets[n].weight.detach().reshape(-1) for n in names])
+    data = full_batch(batches)
+    halves = [{k: v[:5] for k, v in data.items()}, {k: v[5:] for k, v in data.items()}]
+
+    def loss(theta, half):
+        params = {f"{n}.weight": p.view(s) for n, p, s in zip(names, theta.split(sizes), shapes)}
+        inputs = {k: v for k, v in half.items() if k != "labels"}
+        logits = functional_call(model, params, args=(), kwargs=inputs).logits
+        return F.mse_loss(logits.squeeze(-1), half["labels"])  # no temperature
+
+    theta = flat.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(loss(theta, halves[0]), theta)
+    _, hg = torch.autograd.functional.hvp(lambda t: loss(t, halves[1]), flat.clone(), g)
+    expected = dict(zip(names, (flat * hg).split(sizes)))
+    top = max(float(e.abs().max()) for e in expected.values())
+    assert top > 0
+    for n, s in zip(names, shapes):
+        torch.testing.assert_close(scores[n], expected[n].view(s), atol=1e-4 * top, rtol=1e-4)
+
+
+class AttnClassifier(torch.nn.Module):
+    """One softmax attention head with a GELU, HF-style: takes input_ids or inputs_embeds, classifies
+    the last token."""
+
+    def __init__(self, dim=8):
+        super().__init__()
+        torch.manual_seed(5)
+        self.emb = torch.nn.Embedding(50, dim)
+        self.q, self.k, self.v = (torch.nn.Linear(dim, dim) for _ in range(3))
+        self.o = torch.nn.Linear(dim, dim)
+        self.classifier = torch.nn.Linear(dim, 3)
+
+    def get_input_embeddings(self):
+        return self.emb
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None):
+        import torch.nn.functional as F
+
+        h = self.emb(input_ids) if inputs_embeds is None else inputs_embeds
+        att = F.softmax(self.q(h) @ self.k(h).transpose(1, 2) / h.shape[-1] ** 0.5, dim=-1)
+        h = F.gelu(self.o(att @ self.v(h)))
+        out = type("Out", (), {})()
+        out.logits = self.classifier(h[:, -1])
+        out.loss = None if labels is None else F.cross_entropy(out.logits, labels)
+        return out
+
+
+def test_synflow_released_recipe_is_identity_softmax_on_one_all_ones_token():
+    """Released compute_synflow_scores written out: |parameters|, softmax and GELU as the identity,
+    inputs_embeds = ones(1, 1, d), R = Σ logits, score = |W ⊙ ∂R/∂W|."""
+    from .conftest import tiny_batches
+
+    model = AttnClassifier()
+    targets = {"q": model.q, "k": model.k, "v": model.v, "o": model.o}
+    batches = tiny_batches()
+    before = bits(model)
+    scores = make_metric("synflow").score(context(model, targets, batches))
+    assert all(torch.equal(before[k], v) for k, v in bits(model).items())
+
+    ref = AttnClassifier()
+    ref.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.abs_()
+    x = torch.ones(1, 1, 8)
+    att = ref.q(x) @ ref.k(x).transpose(1, 2) / 8 ** 0.5  # no softmax
+    r = ref.classifier(ref.o(att @ ref.v(x))[:, -1]).sum()  # no GELU
+    names = list(targets)
+    grads = torch.autograd.grad(r, [getattr(ref, n).weight for n in names])
+    for n, g in zip(names, grads):
+        torch.testing.assert_close(scores[n], (getattr(ref, n).weight * g).abs().detach(), atol=0, rtol=1e-5)
+
+    # the earlier recipe keeps the softmax (one token: attention weight 1), so q and k get no gradient
+    entry = registry.get("metric", "synflow")
+    modules = entry.obj(entry.schema(recipe="modules")).score(context(model, targets, batches))
+    assert modules["q"].abs().max() == 0 and scores["q"].abs().max() > 0
+
+
+def test_synflow_recipe_must_be_a_known_name():
+    from speft.registry import ConfigError
+
+    with pytest.raises(ConfigError, match="released, modules"):
+        registry.get("metric", "synflow").schema(recipe="paper")
+
+
+def test_synflow_released_recipe_replaces_the_attention_softmax_of_a_transformer():
+    """With softmax as the identity, the attention output of one token scales with q·k, so the query
+    and key weights get a gradient; with softmax kept (one key: weight 1) they get none."""
+    model, targets = tiny_bert()
+    from .conftest import tiny_batches
+
+    batches = tiny_batches(n=4, seq=8, batch=2)
+    entry = registry.get("metric", "synflow")
+    released = entry.obj(entry.schema()).score(context(model, targets, batches))
+    query = [n for n in targets if n.endswith("query")]
+    total = sum(float(s.sum()) for s in released.values())
+    assert query and all(float(released[n].sum()) > 1e-3 * total for n in query)  # kept softmax: ~1e-8 of it

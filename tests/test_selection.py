@@ -81,3 +81,56 @@ def test_chunked_reading_gives_the_same_selection(k, monkeypatch):
     expected = brute_force_global(scores, k)
     monkeypatch.setattr(sel, "CHUNK", 7)
     assert {n: v.tolist() for n, v in sel.select_global(scores, k).items()} == expected
+
+
+def released_local_topk(scores: dict[str, torch.Tensor], per_module: dict[str, int]) -> dict[str, list[int]]:
+    """The released code's local rule written out: each module's own torch.topk of its count."""
+    return {n: sorted(torch.topk(s.flatten(), per_module[n]).indices.tolist()) for n, s in scores.items()}
+
+
+def unequal_scores() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)  # Gemma-like: q/o wider than k/v (no ties: topk is unambiguous)
+    return {"q": torch.randn(12, 8, generator=g), "k": torch.randn(4, 8, generator=g),
+            "v": torch.randn(4, 8, generator=g), "o": torch.randn(8, 12, generator=g)}
+
+
+def test_local_count_budget_gives_every_module_the_same_count():
+    """Released rule (model/sparse_peft.py: layer_k = sparse_k / len(layers)) on unequal modules."""
+    scores = unequal_scores()
+    got = select_local(scores, 40, kind="count")
+    assert {n: len(v) for n, v in got.items()} == {"q": 10, "k": 10, "v": 10, "o": 10}
+    assert {n: v.tolist() for n, v in got.items()} == released_local_topk(scores, dict.fromkeys(scores, 10))
+    uneven = select_local(scores, 42, kind="count")  # 42 = 4 x 10 + 2: the first two modules get one more
+    assert [len(v) for v in uneven.values()] == [11, 11, 10, 10]
+
+
+def test_local_lora_budget_gives_each_module_loras_own_count():
+    scores = unequal_scores()
+    r = 1
+    counts = {n: r * (s.shape[0] + s.shape[1]) for n, s in scores.items()}  # q 20, k 12, v 12, o 20
+    got = select_local(scores, sum(counts.values()), kind="lora", rank=r)
+    assert {n: v.tolist() for n, v in got.items()} == released_local_topk(scores, counts)
+
+
+def test_local_fraction_budget_keeps_the_same_density():
+    scores = unequal_scores()
+    got = select_local(scores, 64, kind="fraction")  # 1/4 of 256 entries
+    assert {n: len(v) for n, v in got.items()} == {"q": 24, "k": 8, "v": 8, "o": 24}
+
+
+def test_local_count_larger_than_a_module_fails_naming_it():
+    from speft.registry import ConfigError
+
+    with pytest.raises(ConfigError, match=r"k \(40 > 32\).*mask.selection=global"):
+        select_local(unequal_scores(), 160, kind="count")
+
+
+def test_the_mask_passes_the_budget_form_to_the_local_selection():
+    from speft.config import Budget
+    from speft.masks.static import StaticMask, StaticMaskConfig
+
+    mask = StaticMask(StaticMaskConfig(selection="local"))
+    mask.budget = Budget.parse(40)
+    assert [len(v) for v in mask.select(unequal_scores(), 40).values()] == [10, 10, 10, 10]
+    mask.budget = Budget.parse("lora:1")
+    assert [len(v) for v in mask.select(unequal_scores(), 64).values()] == [20, 12, 12, 20]

@@ -61,9 +61,10 @@ def parse_density(raw: str):
     return float(raw) if any(c in raw for c in ".eE") else int(raw)
 
 
-def selection_masks(scores: Scores, k: int, selection: str) -> dict[str, torch.Tensor]:
-    """Boolean mask (flat) of the selected entries, per module."""
-    indices = SELECTIONS[selection](scores, k)
+def selection_masks(scores: Scores, k: int, selection: str, budget: Budget | None = None) -> dict[str, torch.Tensor]:
+    """Boolean mask (flat) of the selected entries, per module (local counts by the budget's form, as training)."""
+    kind = budget.kind if budget is not None else "fraction"
+    indices = SELECTIONS[selection](scores, k, kind, int(budget.value) if kind == "lora" else 0)
     masks = {}
     for name, s in scores.items():
         m = torch.zeros(s.numel(), dtype=torch.bool)
@@ -103,8 +104,9 @@ def compare(inputs: list[tuple[str, Scores]], density, selection: str = "global"
     for label, scores in inputs[1:]:
         if {n: tuple(s.shape) for n, s in scores.items()} != shapes:
             raise SystemExit(f"'{label}' scores other target modules than '{inputs[0][0]}'")
-    k = Budget.parse(density).resolve({n: (s[0], s[1] if len(s) > 1 else 1) for n, s in shapes.items()})
-    masks = [selection_masks(scores, k, selection) for _, scores in inputs]
+    budget = Budget.parse(density)
+    k = budget.resolve({n: (s[0], s[1] if len(s) > 1 else 1) for n, s in shapes.items()})
+    masks = [selection_masks(scores, k, selection, budget) for _, scores in inputs]
     rows = []
     for (i, (la, sa)), (j, (lb, sb)) in itertools.combinations(enumerate(inputs), 2):
         rhos = [spearman(sa[n], sb[n]) for n in shapes]

@@ -7,6 +7,7 @@ schedules are then bound to the training run (:meth:`bind`) and called after eve
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -16,11 +17,13 @@ from torch import nn
 from speft.config import check_choice
 from speft.masks.selection import SELECTIONS
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class MaskConfig:
     name: str = "???"  # the option's name, the same as its YAML file
-    selection: str = "global"  # global: one top-k over all targets; local: the same density per module
+    selection: str = "global"  # global: one top-k over all targets; local: per module, counts by the budget form
 
     def __post_init__(self) -> None:
         check_choice("mask.selection", self.selection, sorted(SELECTIONS))
@@ -37,6 +40,8 @@ class MaskRuntime:
     budget: int
     score: Callable[[int], dict[str, torch.Tensor]]  # n examples -> salience scores on fresh batches
     initial: dict[str, torch.Tensor] = field(default_factory=dict)  # the initial mask, per module
+    batches_per_epoch: int = 0  # micro-batches per epoch (0: unknown); mask=dynamic mode=released counts them
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
 
     def values_group(self) -> dict:
         return next(g for g in self.optimizer.param_groups if g.get("name") == "sparse")
@@ -48,9 +53,12 @@ class MaskSchedule:
     def __init__(self, cfg: MaskConfig) -> None:
         self.cfg = cfg
         self.runtime: MaskRuntime | None = None
+        self.budget = None  # the run's Budget (its form sets local per-module counts); None: a fraction
 
     def select(self, scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-        return SELECTIONS[self.cfg.selection](scores, k)
+        kind = self.budget.kind if self.budget is not None else "fraction"
+        rank = int(self.budget.value) if kind == "lora" else 0
+        return SELECTIONS[self.cfg.selection](scores, k, kind, rank)
 
     def bind(self, runtime: MaskRuntime) -> None:
         self.runtime = runtime
@@ -78,3 +86,16 @@ def reset_adam_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, slot
                 state[key].zero_()
             else:
                 state[key][slots] = 0
+
+
+def warn_if_never_fires(name: str, interval: int, total: int, unit: str, last: int | None = None) -> bool:
+    """Warn (before training) when a schedule's interval leaves no update inside the run: ``total`` is
+    the run's length in ``unit``, ``last`` the latest count an update can happen at (total - 1: none
+    after the last step)."""
+    last = total - 1 if last is None else last
+    if interval <= last:
+        return False
+    log.warning("mask=%s updates every %d %s but the run has %d: the mask never changes (the run is a "
+                "static mask). Lower mask.update_every_steps below %d to see an update",
+                name, interval, unit, total, last + 1)
+    return True

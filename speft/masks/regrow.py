@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from speft.config import check, check_positive
-from speft.masks.base import MaskConfig, MaskSchedule, reset_adam_state
+from speft.masks.base import MaskConfig, MaskRuntime, MaskSchedule, reset_adam_state, warn_if_never_fires
 from speft.registry import register
 
 
@@ -43,6 +43,10 @@ def drop_fraction_at(step: int, total_steps: int, cfg: RegrowMaskConfig) -> floa
 @register("mask", "regrow", schema=RegrowMaskConfig)
 class RegrowMask(MaskSchedule):
     dynamic = True
+
+    def bind(self, runtime: MaskRuntime) -> None:
+        super().bind(runtime)
+        warn_if_never_fires(self.cfg.name, self.cfg.update_every_steps, runtime.total_steps, "optimizer steps")
 
     def on_step_end(self, step: int) -> dict | None:
         rt = self.runtime

@@ -10,6 +10,8 @@ concatenate-and-top-k with the same tie rule.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from speft.registry import ConfigError
@@ -91,12 +93,44 @@ def local_counts(sizes: dict[str, int], k: int) -> dict[str, int]:
     return counts
 
 
-def select_local(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-    """Each module keeps its own top entries, the same density everywhere (k in total)."""
+def budget_counts(shapes: dict[str, tuple[int, ...]], k: int, kind: str = "fraction", rank: int = 0) -> dict[str, int]:
+    """Per-module counts of a local selection of k entries, by the budget's form (the released code's rule,
+    ``model/sparse_peft.py``, ``update_linear_sparse``, with the LoRA form added):
+
+    * ``fraction``: the same density in every module (counts in proportion to module size);
+    * ``count``: every module the same count, k / modules (the first k mod modules get one more);
+    * ``lora``: every module LoRA's own count at rank r, r·(in + out) (these sum to k).
+    """
+    sizes = {n: math.prod(s) for n, s in shapes.items()}
+    if kind == "lora":
+        counts = {n: rank * (s[0] + s[-1]) for n, s in shapes.items()}
+        if sum(counts.values()) != k:
+            raise ConfigError(f"lora:{rank} gives {sum(counts.values())} entries on these modules, not {k}")
+    elif kind == "count":
+        q, extra = divmod(k, len(shapes))
+        counts = {n: q + (i < extra) for i, n in enumerate(shapes)}
+    else:
+        return local_counts(sizes, k)
+    small = [f"{n} ({counts[n]:,} > {sizes[n]:,})" for n in shapes if counts[n] > sizes[n]]
+    if small:
+        raise ConfigError(f"local selection with density as a {kind} gives some modules more entries than they "
+                          f"hold: {', '.join(small)}; use mask.selection=global or a fraction")
+    return counts
+
+
+def select_local(scores: dict[str, torch.Tensor], k: int, kind: str = "fraction", rank: int = 0
+                 ) -> dict[str, torch.Tensor]:
+    """Each module keeps its own top entries; how many per module follows the budget's form
+    (:func:`budget_counts`; k in total)."""
     _check(scores, k)
-    counts = local_counts({n: s.numel() for n, s in scores.items()}, k)
+    counts = budget_counts({n: tuple(s.shape) for n, s in scores.items()}, k, kind, rank)
     return {n: select_global({n: s}, counts[n])[n] if counts[n] else torch.empty(0, dtype=torch.long)
             for n, s in scores.items()}
 
 
-SELECTIONS = {"global": select_global, "local": select_local}
+def _select_global(scores: dict[str, torch.Tensor], k: int, kind: str = "fraction", rank: int = 0
+                   ) -> dict[str, torch.Tensor]:
+    return select_global(scores, k)  # the budget's form does not matter: one top-k over all modules
+
+
+SELECTIONS = {"global": _select_global, "local": select_local}

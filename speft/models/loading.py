@@ -8,6 +8,8 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -97,12 +99,27 @@ def dequantised(model: nn.Module) -> nn.Module:
     return model
 
 
+@contextmanager
+def hub_only_hint(cfg: ModelConfig, source: str) -> Iterator[None]:
+    """A Hub id that cannot be read (no network, not in the Hugging Face cache) fails in one line saying
+    where to put the model instead."""
+    try:
+        yield
+    except OSError as e:
+        if cfg.package or Path(source).exists():
+            raise
+        raise ConfigError(f"model={cfg.name}: {source} is a Hugging Face Hub model and cannot be loaded here "
+                          f"(no network, not in the Hugging Face cache). Download it where there is a network, "
+                          f"then set HF_HOME to that cache or model.name_or_path=<local folder>") from e
+
+
 def build_meta_model(cfg: ModelConfig, head: str, num_labels: int | None, cache_dir: Path | None = None) -> nn.Module:
     """The model's structure on the meta device: shapes without weights, in well under a second."""
     from transformers import AutoConfig
 
     source, kwargs = checkpoint(cfg, cache_dir)
-    hf_cfg = AutoConfig.from_pretrained(source, **kwargs)
+    with hub_only_hint(cfg, source):
+        hf_cfg = AutoConfig.from_pretrained(source, **kwargs)
     if num_labels is not None:
         hf_cfg.num_labels = num_labels
     with torch.device("meta"):
@@ -113,7 +130,8 @@ def load_model(cfg: ModelConfig, head: str, num_labels: int | None, cache_dir: P
     source, kwargs = checkpoint(cfg, cache_dir)
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
-    model = auto_class(head).from_pretrained(source, dtype=DTYPES[cfg.dtype], **kwargs)
+    with hub_only_hint(cfg, source):
+        model = auto_class(head).from_pretrained(source, dtype=DTYPES[cfg.dtype], **kwargs)
     if cfg.gguf_file:
         dequantised(model)
     if getattr(model.config, "pad_token_id", None) is None and getattr(model.config, "eos_token_id", None) is not None:
@@ -125,7 +143,8 @@ def load_tokenizer(cfg: ModelConfig, cache_dir: Path | None = None):
     from transformers import AutoTokenizer
 
     source, kwargs = checkpoint(cfg, cache_dir)
-    tok = AutoTokenizer.from_pretrained(source, **kwargs)
+    with hub_only_hint(cfg, source):
+        tok = AutoTokenizer.from_pretrained(source, **kwargs)
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok

@@ -24,7 +24,7 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     labelled tokens (labels -100 are ignored, e.g. padding and prompts).
     """
     if logits.dim() == 2:
-        if logits.shape[-1] == 1 and labels.is_floating_point():
+        if is_regression(logits, labels):
             return (logits.squeeze(-1).float() - labels.float()).square()
         return F.cross_entropy(logits.float(), labels, reduction="none")
     shifted, targets = logits[:, :-1].float(), labels[:, 1:]
@@ -33,11 +33,19 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return tokens.sum(1) / counted
 
 
+def is_regression(logits: torch.Tensor, labels: torch.Tensor) -> bool:
+    """A single regression output (B, 1) with float labels: the loss is a squared error."""
+    return logits.dim() == 2 and logits.shape[-1] == 1 and labels.is_floating_point()
+
+
 def forward_per_example(model: nn.Module, batch: dict, temperature: float = 1.0) -> torch.Tensor:
-    """Per-example losses of a batch, with the logits divided by ``temperature``."""
+    """Per-example losses of a batch. Cross-entropy losses see the logits divided by ``temperature``;
+    a regression loss never does (as the released code, which tempers ``CrossEntropyLoss`` only)."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs).logits
-    return per_example_loss(logits / temperature if temperature != 1.0 else logits, batch["labels"])
+    logits, labels = model(**inputs).logits, batch["labels"]
+    if temperature != 1.0 and not is_regression(logits, labels):
+        logits = logits / temperature
+    return per_example_loss(logits, labels)
 
 
 def squared_gradient_mean(ctx: ScoreContext, offload: bool = False) -> dict[str, torch.Tensor]:

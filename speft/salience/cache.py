@@ -39,7 +39,7 @@ from speft.salience.memory import PeakMemory
 
 log = logging.getLogger(__name__)
 
-SCORES_VERSION = 1
+SCORES_VERSION = 2  # 2: GraSP leaves regression losses untempered (forward_per_example)
 EXCLUDED_METRIC_FIELDS = ("cache", "offload")  # change where scores live or whether they are reused, not their values
 
 

@@ -1,4 +1,5 @@
-"""``force``: −W ⊙ ḡ, signed (FORCE's first-order estimate of the loss change when a weight moves).
+"""``force`` (alias ``skeletonization``, the released code's name): −W ⊙ ḡ, signed (FORCE's
+first-order estimate of the loss change when a weight moves).
 
 Higher is more worth training, so the top-k keeps the most negative products W ⊙ ḡ: the entries
 where a gradient step (−ḡ) moves the weight away from zero, i.e. grows it.
@@ -19,7 +20,7 @@ class ForceConfig(MetricConfig):
     name: str = "force"
 
 
-@register("metric", "force", schema=ForceConfig)
+@register("metric", "force", schema=ForceConfig, aliases=("skeletonization",))
 class Force(SalienceMetric):
     def score(self, ctx: ScoreContext) -> dict[str, torch.Tensor]:
         grads = mean_gradient(ctx, self.cfg.offload)

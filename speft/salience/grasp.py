@@ -1,9 +1,13 @@
 """``grasp``: W ⊙ (H g), GraSP's Hessian-gradient product (Wang et al., 2020), for fine-tuning selection.
 
-g is the gradient, w.r.t. the target weights, of the mean temperature-scaled loss (logits / T) over
-the first half of the scoring examples; H is the Hessian of the same loss over the second half,
+g is the gradient, w.r.t. the target weights, of the mean temperature-scaled loss over the first half
+of the scoring examples; H is the Hessian of the same loss over the second half,
 w.r.t. the target weights (the block of the full Hessian on the flattened targets). H g comes from a
 double backward per batch: z = ⟨∇ℓ_b, g⟩ with ``create_graph``, then ∇z = H_b g.
+
+Temperature: as the released code (``model/sparse_peft.py``, ``compute_grasp_scores``: T = 200 applied
+by patching ``CrossEntropyLoss``), cross-entropy losses (classification, language modelling) see
+logits / T; a regression loss (STS-B's single output) is not tempered.
 
 Examples: the metric asks for twice ``num_score_examples`` (``sample_factor = 2``): one half for g,
 the other for H. When the training split holds fewer, the N examples available are split into the
@@ -30,7 +34,7 @@ from speft.salience.base import MetricConfig, SalienceMetric, ScoreContext, accu
 @dataclass
 class GraspConfig(MetricConfig):
     name: str = "grasp"
-    temperature: float = 200.0  # logits / T before the loss, as in GraSP's reference code
+    temperature: float = 200.0  # logits / T before a cross-entropy loss (the released code; not regression)
 
     def __post_init__(self) -> None:
         super().__post_init__()

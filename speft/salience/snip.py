@@ -1,4 +1,4 @@
-"""``snip`` (aliases ``saliency``, ``skeletonization``): |W ⊙ ḡ|, connection sensitivity (SNIP)."""
+"""``snip`` (alias ``saliency``, the released code's name): |W ⊙ ḡ|, connection sensitivity (SNIP)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ class SnipConfig(MetricConfig):
     name: str = "snip"
 
 
-@register("metric", "snip", schema=SnipConfig, aliases=("saliency", "skeletonization"))
+@register("metric", "snip", schema=SnipConfig, aliases=("saliency",))
 class Snip(SalienceMetric):
     def score(self, ctx: ScoreContext) -> dict[str, torch.Tensor]:
         grads = mean_gradient(ctx, self.cfg.offload)
