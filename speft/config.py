@@ -1,4 +1,4 @@
-"""Typed config schemas shared by every run, the density budget, and start-up validation.
+"""Typed config schemas shared by every run, the density budget, and validation of values.
 
 Component schemas (a metric's, a mask's, a task's, a method's) live beside their code and are stored
 by :func:`speft.registry.register`. Range checks live in ``__post_init__`` and run when
@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from hydra.experimental.callback import Callback
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -238,7 +237,10 @@ class Spec:
     raw: DictConfig  # the composed config, for logging
 
     def resolved(self) -> dict:
-        return OmegaConf.to_container(self.raw, resolve=True, throw_on_missing=False)  # type: ignore[return-value]
+        """The composed config with every interpolation resolved (Hydra's own node left out)."""
+        config = OmegaConf.to_container(self.raw, resolve=True, throw_on_missing=False)
+        config.pop("hydra", None)  # type: ignore[union-attr]
+        return config  # type: ignore[return-value]
 
 
 def validate(cfg: DictConfig) -> Spec:
@@ -275,37 +277,3 @@ def validate(cfg: DictConfig) -> Spec:
 def option_names(group: str) -> list[str]:
     conf = PROJECT_ROOT / "conf" / group
     return sorted(str(p.relative_to(conf).with_suffix("")) for p in conf.rglob("*.yaml"))
-
-
-class ValidateCallback(Callback):
-    """Hydra callback: validate before Hydra creates output directories or launches jobs.
-
-    A single run is checked completely (values, target modules and budget on a meta-device model);
-    it also refuses a run folder that already holds a completed result, which it would overwrite
-    (unless ``skip_completed=true``: the run then returns that result, see ``pipeline.reusable_result``).
-    Hydra turns exceptions raised by callbacks into warnings, so a bad config ends the process with
-    ``SystemExit`` (exit status 1, the message on stderr, no traceback).
-    """
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from speft.pipeline import plan_spec
-        from speft.results import completed_result
-
-        def checks() -> None:
-            plan_spec(validate(config))
-            run_dir = Path(config.hydra.run.dir)
-            if completed_result(run_dir) and not config.get("skip_completed", False):
-                raise ConfigError(f"{run_dir} already holds a completed results.json; add "
-                                  f"skip_completed=true to keep it, or choose another hydra.run.dir")
-
-        _exit_on_error(checks)
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _exit_on_error(lambda: validate(config))
-
-
-def _exit_on_error(fn) -> None:
-    try:
-        fn()
-    except ConfigError as e:
-        raise SystemExit(f"Invalid configuration: {e}") from None

@@ -12,9 +12,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from speft import registry
@@ -23,7 +24,7 @@ from speft.masks.base import MaskRuntime
 from speft.methods.base import PrepareContext, count
 from speft.models.loading import build_meta_model, find_targets, load_model, load_tokenizer, target_shapes
 from speft.registry import ConfigError
-from speft.results import RunRecord, read_result, timed
+from speft.results import RunRecord, completed_result, read_result, timed
 from speft.salience.base import ScoreContext
 from speft.sparse.layer import sparse_layers
 from speft.train.loop import move, predict, train
@@ -36,9 +37,21 @@ def build(spec: Spec):
     return {g: registry.get(g, getattr(spec, g).name).obj for g in ("task", "method", "metric", "mask", "logger")}
 
 
-def plan(spec: Spec, task) -> tuple[dict[str, tuple[int, int]], int | None]:
-    """Target shapes and, for salience methods, the exact number of trainable entries, from the
-    model's structure alone. Cross-group rules are checked here too."""
+@dataclass
+class Plan:
+    """What pre-flight established without loading weights: the validated config, the task, the target
+    shapes, the exact budget, and a completed result to return instead of running (``skip_completed``)."""
+
+    spec: Spec
+    task: Any
+    shapes: dict[str, tuple[int, int]]
+    budget: int | None  # trainable entries of the target modules; None for methods without salience
+    config: dict  # the resolved config, as results.json records it
+    previous: dict | None = None
+
+
+def check_combination(spec: Spec, task) -> None:
+    """Rules across config groups."""
     method_cls = registry.get("method", spec.method.name).obj
     mask_cls = registry.get("mask", spec.mask.name).obj
     if mask_cls.dynamic and not method_cls.uses_salience:
@@ -47,14 +60,26 @@ def plan(spec: Spec, task) -> tuple[dict[str, tuple[int, int]], int | None]:
     if not task.new_head and getattr(method_cls, "head_only", False):
         raise ConfigError(f"method={spec.method.name} trains only a new task head; task={spec.task.name} keeps "
                           f"its pretrained LM head, so nothing would train. Use another method")
+
+
+def plan_budget(spec: Spec, task) -> tuple[dict[str, tuple[int, int]], int | None]:
+    """Target shapes and, for salience methods, the exact number of trainable entries, from the
+    model's structure alone (a meta-device copy)."""
     meta = build_meta_model(spec.model, task.head, task.num_labels, spec.paths.resolve("cache_dir"))
     shapes = target_shapes(find_targets(meta, spec.model.family, spec.method.targets, spec.method.target_regex))
-    return shapes, spec.budget.resolve(shapes) if method_cls.uses_salience else None
+    uses_salience = registry.get("method", spec.method.name).obj.uses_salience
+    return shapes, spec.budget.resolve(shapes) if uses_salience else None
 
 
-def plan_spec(spec: Spec) -> tuple[dict[str, tuple[int, int]], int]:
-    task_cls = registry.get("task", spec.task.name).obj
-    return plan(spec, task_cls(spec.task, spec.paths.resolve("data_dir")))
+def preflight(cfg: DictConfig, run_dir: Path) -> Plan:
+    """Everything checked before weights are loaded or anything is written: values, cross-group rules,
+    targets and budget on the meta model, and the completed-result rule. Raises :class:`ConfigError`."""
+    spec = validate(cfg)
+    task = registry.get("task", spec.task.name).obj(spec.task, spec.paths.resolve("data_dir"))
+    check_combination(spec, task)
+    shapes, k = plan_budget(spec, task)
+    config = spec.resolved()
+    return Plan(spec, task, shapes, k, config, reusable_result(Path(run_dir), config, spec.skip_completed))
 
 
 def example_stream(rows: list[dict], seed: int) -> Iterator[dict]:
@@ -89,25 +114,30 @@ def device_for(name: str) -> torch.device:
     return torch.device(name)
 
 
-def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", sweep_dir: str | None = None) -> RunResult:
+def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", sweep_dir: str | None = None,
+        plan: Plan | None = None) -> RunResult:
+    """One run in ``run_dir``. ``plan``: the pre-flight of this config already done (the CLI's callback);
+    a run that fails pre-flight records a failed results.json there (never over a completed one)."""
     t_start = time.perf_counter()
-    spec = validate(cfg)
+    try:
+        plan = plan or preflight(cfg, run_dir)
+    except Exception as e:
+        record_refusal(cfg, Path(run_dir), e)
+        raise
+    if plan.previous is not None:
+        log.info("%s holds a completed result of this config; skipped (skip_completed=true)", run_dir)
+        return RunResult(metrics=plan.previous["metrics"], results=plan.previous, model=None)
+
+    spec, task = plan.spec, plan.task
     classes = build(spec)
-    task = classes["task"](spec.task, spec.paths.resolve("data_dir"))
-    shapes, k = plan(spec, task)
     metric, mask, method = classes["metric"](spec.metric), classes["mask"](spec.mask), classes["method"](spec.method)
     logger = classes["logger"](spec.logger)
-    config = spec.resolved()
-    previous = reusable_result(run_dir, config, spec.skip_completed)
-    if previous is not None:
-        log.info("%s holds a completed result of this config; skipped (skip_completed=true)", run_dir)
-        return RunResult(metrics=previous["metrics"], results=previous, model=None)
-
-    record = RunRecord(run_dir, config, spec.seed)
+    record = RunRecord(run_dir, plan.config, spec.seed)
+    record.update(main_metric=f"{task.validation_split}/{task.main_metric}")
     timings: dict[str, float] = {}
     try:
-        logger.start(config, run_dir, run_name, sweep_dir)
-        metrics, model = _execute(spec, task, metric, mask, method, logger, record, timings, k, shapes)
+        logger.start(plan.config, run_dir, run_name, sweep_dir)
+        metrics, model = _execute(spec, task, metric, mask, method, logger, record, timings, plan.budget, plan.shapes)
         timings["total_s"] = time.perf_counter() - t_start
         record.update(timings={k: round(v, 3) for k, v in timings.items()})
         data = record.finish("completed")
@@ -122,6 +152,19 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", sweep_dir: str | 
         except Exception:  # noqa: BLE001 - the original error matters more
             log.exception("logger failed while finishing")
         raise
+
+
+def record_refusal(cfg: DictConfig, run_dir: Path, error: BaseException) -> None:
+    """A failed results.json for a run refused by pre-flight (a sweep's report then shows it), unless
+    the folder holds a completed result, which is never overwritten."""
+    if completed_result(run_dir):
+        return
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    except Exception:  # noqa: BLE001 - an unresolvable value: record it as written
+        config = OmegaConf.to_container(cfg, resolve=False)
+    config.pop("hydra", None)
+    RunRecord(run_dir, config, cfg.get("seed")).finish("failed", error)
 
 
 def reusable_result(run_dir: Path, config: dict, skip_completed: bool) -> dict | None:
@@ -266,7 +309,7 @@ def _execute(spec: Spec, task, metric, mask, method, logger, record: RunRecord, 
     best = best_evaluation(state.history, task)
     logger.log({**metrics, **{f"best/{k}": v for k, v in best.items()}}, state.step)
     record.update(metrics=metrics, best_metrics=best, history=state.history, mask_updates=state.mask_updates,
-                  train_steps=state.step, main_metric=f"{task.validation_split}/{task.main_metric}",
+                  train_steps=state.step,
                   **({"evaluation": throughput} if throughput else {}))
     log.info("metrics: %s", metrics)
     return metrics, model

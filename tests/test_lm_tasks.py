@@ -15,7 +15,7 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForC
 
 from speft.config import Budget, validate
 from speft.models.loading import find_targets, target_shapes
-from speft.pipeline import plan_spec, run
+from speft.pipeline import preflight, run
 from speft.registry import ConfigError
 from speft.sparse.layer import sparse_layers
 from speft.tasks.base import DataError
@@ -242,9 +242,9 @@ def test_mmlu_end_to_end_and_zero_shot(tiny_lm, tmp_path):
     assert 0 <= data["metrics"]["test/accuracy"] <= 1
 
 
-def test_head_only_is_refused_for_a_pretrained_lm_head():
+def test_head_only_is_refused_for_a_pretrained_lm_head(tmp_path):
     with pytest.raises(ConfigError, match="pretrained LM head"):
-        plan_spec(validate(compose_cfg("task=mmlu", "model=smollm2_135m", "method=head_only")))
+        preflight(compose_cfg("task=mmlu", "model=smollm2_135m", "method=head_only"), tmp_path)
 
 
 @needs_data
