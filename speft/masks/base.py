@@ -7,14 +7,17 @@ schedules are then bound to the training run (:meth:`bind`) and called after eve
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from speft.config import check_choice
 from speft.masks.selection import SELECTIONS
+
+if TYPE_CHECKING:
+    from speft.salience.scorer import Scorer
 
 
 @dataclass
@@ -35,8 +38,13 @@ class MaskRuntime:
     optimizer: torch.optim.Optimizer
     total_steps: int
     budget: int
-    score: Callable[[int], dict[str, torch.Tensor]]  # n examples -> salience scores on fresh batches
+    scorer: Scorer  # the run's scorer (speft.salience.scorer)
     initial: dict[str, torch.Tensor] = field(default_factory=dict)  # the initial mask, per module
+
+    def score(self, n: int | None) -> dict[str, torch.Tensor]:
+        """Salience of every target entry at the current weights, on ``n`` fresh training examples
+        (None: as many as the first scoring)."""
+        return self.scorer.rescore(self.model, self.layers, n)
 
     def values_group(self) -> dict:
         return next(g for g in self.optimizer.param_groups if g.get("name") == "sparse")
