@@ -40,12 +40,6 @@ def check_positive(obj: Any, prefix: str, *keys: str, allow_zero: bool = False) 
         check(ok, f"{prefix}.{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
 
 
-def min_set(*values: int | None) -> int | None:
-    """The smallest of the values that are set (caps from a task, a debug preset, ...)."""
-    present = [v for v in values if v is not None]
-    return min(present) if present else None
-
-
 # ----------------------------------------------------------------------------------------------
 # Group schemas that are plain data (no per-option code)
 
@@ -59,24 +53,21 @@ class ModelConfig:
     revision: Optional[str] = None  # Hub revision, for reproducibility when online
     gguf_file: Optional[str] = None  # a GGUF checkpoint inside name_or_path, de-quantised on load
     dtype: str = "float32"  # frozen base weights' dtype; trainable values are always fp32
-    max_length: int = 128  # tokens per example after truncation
 
     def __post_init__(self) -> None:
         from speft.models.families import FAMILIES
 
         check_choice("model.family", self.family, sorted(FAMILIES))
         check_choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
-        check_positive(self, "model", "max_length")
 
 
 @dataclass
 class TrainerConfig:
     name: str = MISSING  # the option's name, the same as its YAML file
     epochs: float = 1.0  # passes over the training split (fractions allowed)
-    max_steps: Optional[int] = None  # optimizer steps; overrides epochs when set (0: evaluate as loaded)
+    max_steps: Optional[int] = None  # optimizer steps; overrides epochs when set (0: evaluate as loaded; debug=fast: 5)
     batch_size: int = 32  # examples per forward pass
     grad_accum_steps: int = 1  # forward passes per optimizer step
-    eval_batch_size: int = 128  # no activations kept, so larger than training
     group_by_length: bool = True  # batches of similar lengths: less padding, same examples per epoch
     lr: float = 1e-3  # learning rate of the sparse values (and baselines' adapters)
     head_lr: Optional[float] = None  # learning rate of a trained head; null = lr
@@ -93,7 +84,7 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         check_positive(self, "trainer", "epochs", "batch_size", "grad_accum_steps")
         check_positive(self, "trainer", "max_steps", allow_zero=True)
-        check_positive(self, "trainer", "eval_batch_size", "lr", "head_lr", "log_every_steps")
+        check_positive(self, "trainer", "lr", "head_lr", "log_every_steps")
         check_positive(self, "trainer", "eval_every_steps", "max_grad_norm", "num_threads")
         check_positive(self, "trainer", "weight_decay", allow_zero=True)
         check(0 <= self.warmup_ratio < 1, f"trainer.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
@@ -102,22 +93,6 @@ class TrainerConfig:
 
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
-
-
-@dataclass
-class DebugConfig:
-    name: str = "none"
-    max_train_steps: Optional[int] = None  # cap on optimizer steps
-    max_train_examples: Optional[int] = None  # cap on the training split
-    max_eval_examples: Optional[int] = None  # cap on every evaluation split
-    max_score_examples: Optional[int] = None  # cap on the salience metric's examples
-    max_generate_examples: Optional[int] = None  # cap on examples evaluated by generation (GSM8K)
-    max_new_tokens: Optional[int] = None  # cap on generated tokens per example
-
-    def __post_init__(self) -> None:
-        check_positive(self, "debug", "max_train_steps", "max_train_examples")
-        check_positive(self, "debug", "max_eval_examples", "max_score_examples")
-        check_positive(self, "debug", "max_generate_examples", "max_new_tokens")
 
 
 @dataclass
@@ -142,7 +117,6 @@ class RunConfig:
     mask: Any = MISSING
     trainer: Any = MISSING
     logger: Any = MISSING
-    debug: Any = MISSING
     paths: PathsConfig = field(default_factory=PathsConfig)
     # Trainable entries: a fraction in (0, 1], an integer count, or "lora:<r>".
     density: Any = "lora:8"
@@ -156,7 +130,6 @@ cs = ConfigStore.instance()
 cs.store(name="schema_run", node=RunConfig)
 cs.store(group="schema/model", name="base", node=ModelConfig)
 cs.store(group="schema/trainer", name="base", node=TrainerConfig)
-cs.store(group="schema/debug", name="base", node=DebugConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,7 +202,6 @@ class Spec:
     mask: Any
     trainer: TrainerConfig
     logger: Any
-    debug: DebugConfig
     paths: PathsConfig
     budget: Budget
     seed: int

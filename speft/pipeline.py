@@ -224,17 +224,16 @@ def _execute(plan: Plan, run_dir: Path, logger, record: RunRecord, timings: dict
 
 
 def load_data_and_model(state: RunState) -> None:
-    spec, task, dbg = state.spec, state.task, state.spec.debug
+    spec, task = state.spec, state.task
     cache_dir = spec.paths.resolve("cache_dir")
     with timed(state.timings, "data_s"):
-        state.splits = task.splits(max_train=dbg.max_train_examples, max_eval=dbg.max_eval_examples,
-                                   max_generate=dbg.max_generate_examples)
+        state.splits = task.splits()
     with timed(state.timings, "model_load_s"):
         state.tokenizer = load_tokenizer(spec.model, cache_dir)
         state.model = load_model(spec.model, task.head, task.num_labels, cache_dir).to(state.device)
     with timed(state.timings, "data_s"):
         # Generative tasks evaluate raw rows with their own evaluator; only training examples are encoded.
-        state.encoded = {name: task.encode(state.tokenizer, rows, spec.model.max_length)
+        state.encoded = {name: task.encode(state.tokenizer, rows)
                          for name, rows in state.splits.items() if name == "train" or not task.generative}
     state.collate = task.collator(state.tokenizer)
     if spec.trainer.gradient_checkpointing:
@@ -247,9 +246,8 @@ def build_scorer(state: RunState, metric) -> Scorer:
     spec = state.spec
     return Scorer(metric, state.encoded["train"], state.collate, state.device,
                   batch_size=spec.metric.batch_size or spec.trainer.batch_size, seed=spec.seed,
-                  cap=spec.debug.max_score_examples, cache_dir=spec.paths.resolve("cache_dir"),
-                  key={"model": asdict(spec.model), "task": asdict(spec.task), "split": "train",
-                       "max_train_examples": spec.debug.max_train_examples})
+                  cache_dir=spec.paths.resolve("cache_dir"),
+                  key={"model": asdict(spec.model), "task": asdict(spec.task), "split": "train"})
 
 
 def make_trainable(state: RunState, method, mask, scorer: Scorer | None, k, shapes) -> Prepared:
@@ -272,10 +270,10 @@ def make_trainable(state: RunState, method, mask, scorer: Scorer | None, k, shap
 
 def evaluator(state: RunState):
     """``evaluate(split) -> {"<split>/<metric>": value}`` and the generation throughput it records."""
-    spec, task = state.spec, state.task
+    task = state.task
     # Evaluation order does not change a metric: sorting by length keeps padding to a minimum.
     by_length = lambda rows: sorted(rows, key=lambda r: len(r["input_ids"]))  # noqa: E731
-    loaders = {name: DataLoader(by_length(rows), batch_size=spec.trainer.eval_batch_size, shuffle=False,
+    loaders = {name: DataLoader(by_length(rows), batch_size=task.cfg.eval_batch_size, shuffle=False,
                                 collate_fn=state.collate)
                for name, rows in state.encoded.items() if name in task.eval_splits}
     throughput: dict[str, dict] = {}
@@ -284,8 +282,7 @@ def evaluator(state: RunState):
         with timed(state.timings, "evaluation_s"):
             if task.generative:  # lm-evaluation-harness protocols (speft.evaluation)
                 metrics, throughput[split] = task.evaluate(split, state.model, state.tokenizer, state.splits[split],
-                                                           device=state.device, out_dir=state.run_dir,
-                                                           max_new_tokens=spec.debug.max_new_tokens)
+                                                           device=state.device, out_dir=state.run_dir)
             else:
                 logits, labels = predict(state.model, loaders[split], state.device)
                 metrics = task.compute_metrics(logits, labels)
@@ -312,7 +309,7 @@ def train_and_validate(state: RunState, prepared: Prepared, mask, scorer: Scorer
     t0 = time.perf_counter()
     train_state = train(model, prepared.param_groups, train_dataloader(state.encoded["train"], spec.trainer,
                                                                          state.collate, spec.seed),
-                        spec.trainer, state.device, spec.debug.max_train_steps, on_log=logger.log,
+                        spec.trainer, state.device, on_log=logger.log,
                         validate=validate_fn, on_start=bind_mask if dynamic else None,
                         on_step=mask.on_step_end if dynamic else None)
     state.timings["training_s"] = time.perf_counter() - t0 - state.timings.get("evaluation_s", 0.0)

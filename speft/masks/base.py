@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+from omegaconf import MISSING
 from torch import nn
 
 from speft.config import check_choice
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class MaskConfig:
-    name: str = "???"  # the option's name, the same as its YAML file
+    name: str = MISSING  # the option's name, the same as its YAML file
     selection: str = "global"  # global: one top-k over all targets; local: the same density per module
 
     def __post_init__(self) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
+from omegaconf import MISSING
 from torch import nn
 
 from speft.models.loading import head_parameters
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class MethodConfig:
-    name: str = "???"  # the option's name, the same as its YAML file
+    name: str = MISSING  # the option's name, the same as its YAML file
     targets: str = "attention"  # target preset of the model family (see speft/models/families.py)
     target_regex: Optional[list[str]] = None  # module-name regexes; override `targets` when set
     train_head: bool = True  # train a new task head too (counted apart); a causal LM's pretrained head stays frozen

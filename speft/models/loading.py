@@ -98,10 +98,11 @@ def dequantised(model: nn.Module) -> nn.Module:
 
 
 def build_meta_model(cfg: ModelConfig, head: str, num_labels: int | None, cache_dir: Path | None = None) -> nn.Module:
-    """The model's structure on the meta device: shapes without weights, in well under a second."""
+    """The model's structure on the meta device: shapes without weights, in well under a second. A GGUF
+    checkpoint's config comes from its header: nothing is de-quantised before the run (``cache_dir`` unused)."""
     from transformers import AutoConfig
 
-    source, kwargs = checkpoint(cfg, cache_dir)
+    source, kwargs = checkpoint(cfg)
     hf_cfg = AutoConfig.from_pretrained(source, **kwargs)
     if num_labels is not None:
         hf_cfg.num_labels = num_labels

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from speft.config import min_set
 from speft.salience.base import SalienceMetric, ScoreContext
 from speft.salience.cache import compute_scores
 
@@ -30,16 +29,15 @@ def example_stream(rows: list[dict], seed: int) -> Iterator[dict]:
 
 class Scorer:
     """Scores for one run. The first sample holds ``metric.sample_factor`` (GraSP: 2) times
-    ``metric.num_score_examples`` examples, at most ``cap`` times the factor and the whole split."""
+    ``metric.num_score_examples`` examples, at most the whole split."""
 
     def __init__(self, metric: SalienceMetric, rows: list[dict], collate: Callable[[list[dict]], dict],
-                 device: torch.device, *, batch_size: int, seed: int, cap: int | None = None,
-                 cache_dir=None, key: dict[str, Any] | None = None) -> None:
+                 device: torch.device, *, batch_size: int, seed: int, cache_dir=None,
+                 key: dict[str, Any] | None = None) -> None:
         self.metric, self.rows, self.collate, self.device = metric, rows, collate, device
         self.batch_size, self.seed, self.cache_dir = batch_size, seed, cache_dir
         self.key = {**(key or {}), "train_examples": len(rows), "batch_size": batch_size}
-        self.cap = cap
-        n = min(metric.sample_factor * min_set(metric.cfg.num_score_examples, cap), len(rows))
+        n = min(metric.sample_factor * metric.cfg.num_score_examples, len(rows))
         g = torch.Generator().manual_seed(seed)
         self.sample = [rows[i] for i in torch.randperm(len(rows), generator=g)[:n].tolist()]
         self._stream = example_stream(rows, seed + 1)  # dynamic masks' fresh examples, apart from the sample
@@ -61,7 +59,7 @@ class Scorer:
 
     def rescore(self, model: nn.Module, targets: dict[str, nn.Module], n: int | None = None) -> dict[str, torch.Tensor]:
         """Scores at the current weights on ``n`` fresh examples of the stream (None: as many as the
-        first sample), capped by the metric's examples cap and the split; never cached."""
-        n = min(min_set(n or len(self.sample), self.cap), len(self.rows))
+        first sample), at most the whole split; never cached."""
+        n = min(n or len(self.sample), len(self.rows))
         rows = [next(self._stream) for _ in range(n)]
         return self.metric.score(ScoreContext(model, targets, self.batches(rows), n, self.seed))
