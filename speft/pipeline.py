@@ -117,7 +117,8 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", sweep_dir: str | 
     spec, task = plan.spec, plan.task
     logger = registry.get("logger", spec.logger.name).obj(spec.logger)
     record = RunRecord(run_dir, plan.config, spec.seed)
-    record.update(main_metric=f"{task.validation_split}/{task.main_metric}")
+    record.update(main_metric=f"{task.validation_split}/{task.main_metric}",
+                  salience=registry.get("method", spec.method.name).obj.uses_salience)
     timings: dict[str, float] = {}
     try:
         logger.start(plan.config, run_dir, run_name, sweep_dir)
@@ -148,7 +149,12 @@ def record_refusal(cfg: DictConfig, run_dir: Path, error: BaseException) -> None
     except Exception:  # noqa: BLE001 - an unresolvable value: record it as written
         config = OmegaConf.to_container(cfg, resolve=False)
     config.pop("hydra", None)
-    RunRecord(run_dir, config, cfg.get("seed")).finish("failed", error)
+    record = RunRecord(run_dir, config, cfg.get("seed"))
+    try:  # whether metric and mask settings matter, for the report (unknown when the method name is bad)
+        record.update(salience=registry.get("method", cfg.method.name).obj.uses_salience)
+    except Exception:  # noqa: BLE001
+        pass
+    record.finish("failed", error)
 
 
 def reusable_result(run_dir: Path, config: dict, skip_completed: bool) -> dict | None:

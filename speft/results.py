@@ -4,7 +4,8 @@ Keys: ``status`` ("completed" | "failed"), ``error``, ``config`` (resolved), ``m
 ``history`` (validation and training curves), ``trainable_params``, ``trainable`` (by part),
 ``total_params``, ``density``, ``budget``, ``mask`` (per module: selected and total entries),
 ``timings`` (seconds), ``peak_memory_mb``, ``versions``, ``git_sha``, ``git_dirty``, ``seed``,
-``started_at``, ``finished_at``.
+``started_at``, ``finished_at``; ``main_metric`` (the task's main validation key) and ``salience``
+(whether the method uses a salience mask) from the start of the run, so a failed run has them too.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
@@ -41,19 +42,28 @@ def timed(timings: dict[str, float], key: str) -> Iterator[None]:
         timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` fills a temporary file in the same folder, which is then renamed to ``path``:
+    readers never see half a file (results.json, score-cache files)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=_jsonable)
-            f.write("\n")
+        write(tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2, default=_jsonable)
+            f.write("\n")
+
+    atomic_write(path, write)
 
 
 def _jsonable(obj):

@@ -165,6 +165,9 @@ class FakeRun:
         self.id, self.config, self.summary, self.state = id, config, summary, state
 
 
+MAIN = {"main_metric": "validation/accuracy", "num_score_examples": 32}  # what speft.loggers.wandb logs
+
+
 class FakeApi:
     """The part of wandb.Api the report uses: runs(path) -> runs with config, summary, state and id."""
 
@@ -179,11 +182,11 @@ class FakeApi:
             "_wandb": {"cli_version": "0.19"}}
         return [
             FakeRun("a", cfg("grad", 1), {"validation/accuracy": 0.80, "status": "completed", "density": 0.04,
-                                          "timings/total_s": 10.0, "train/loss": 0.3}),
-            FakeRun("b", cfg("grad", 2), {"validation/accuracy": 0.90, "status": "completed"}),
+                                          "timings/total_s": 10.0, "train/loss": 0.3, **MAIN}),
+            FakeRun("b", cfg("grad", 2), {"validation/accuracy": 0.90, "status": "completed", **MAIN}),
             FakeRun("c", {"task.name": "glue/sst2", "method.name": "sparse", "metric.name": "snip",  # flat keys
                           "mask.name": "static", "mask.selection": "global", "density": "lora:8", "seed": 1},
-                    {"validation/accuracy": 0.70}),
+                    {"validation/accuracy": 0.70, **MAIN}),
             FakeRun("d", cfg("snip", 2), {}, state="crashed"),
         ]
 
