@@ -25,8 +25,6 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-import torch
-
 from speft.config import PROJECT_ROOT
 
 RESULTS_FILE = "results.json"
@@ -69,7 +67,7 @@ def write_json_atomic(path: Path, data: dict) -> None:
 def _jsonable(obj):
     if isinstance(obj, (Path,)):
         return str(obj)
-    if isinstance(obj, torch.Tensor):
+    if type(obj).__name__ == "Tensor":  # torch is not imported here: the report reads results without it
         return obj.tolist()
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
@@ -94,6 +92,8 @@ def versions() -> dict[str, str]:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             out[pkg] = None
+    import torch
+
     out["cuda"] = torch.version.cuda
     return out
 
@@ -113,6 +113,8 @@ def git_state() -> tuple[str | None, bool | None]:
 
 def peak_memory_mb() -> dict[str, float]:
     """Peak resident memory of this process, and peak CUDA memory allocated when on a GPU."""
+    import torch
+
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = {"rss": round(rss_kb / 1024 if sys.platform != "darwin" else rss_kb / 2**20, 1)}
     if torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -299,3 +299,10 @@ def test_a_real_sweep_gives_four_cells_per_task(tmp_path):
         assert sum(table.cell(r, col).n == 1 for r in table.rows) == 4
     assert table.rows == ["sparse/grad/reselect", "sparse/grad/static", "sparse/snip/reselect", "sparse/snip/static"]
     assert not table.failures and not table.notes
+
+
+def test_the_report_imports_no_model_code():
+    code = ("import sys, speft.report, speft.report.__main__; "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft', 'speft.components') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
