@@ -210,9 +210,8 @@ class Spec:
 
     def resolved(self) -> dict:
         """The composed config with every interpolation resolved (Hydra's own node left out)."""
-        config = OmegaConf.to_container(self.raw, resolve=True, throw_on_missing=False)
-        config.pop("hydra", None)  # type: ignore[union-attr]
-        return config  # type: ignore[return-value]
+        raw = OmegaConf.masked_copy(self.raw, [k for k in self.raw if k != "hydra"])
+        return OmegaConf.to_container(raw, resolve=True, throw_on_missing=False)  # type: ignore[return-value]
 
 
 def validate(cfg: DictConfig) -> Spec:

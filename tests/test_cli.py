@@ -53,3 +53,24 @@ def test_the_sweep_objective_is_the_tasks_main_metric():
     cola = RunResult(metrics={"validation/matthews_correlation": 0.3}, model=None,
                      results={"main_metric": "validation/matthews_correlation"})
     assert objective(cola) == 0.3
+
+
+def test_a_single_run_is_pre_flighted_once(tmp_path, monkeypatch):
+    import speft.cli as cli
+    import speft.pipeline as pipeline
+
+    calls = []
+    real = pipeline.preflight
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "preflight", counted)
+    monkeypatch.setattr(pipeline, "preflight", counted)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setattr(sys, "argv", ["run.py", "debug=fast", "logger=none", "trainer.max_steps=0",
+                                      "method.save_adapter=false", f"hydra.run.dir={tmp_path}/run"])
+    cli.main()
+    assert len(calls) == 1  # by the callback; the run reuses its plan
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "completed"
