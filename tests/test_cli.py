@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+from hydra.core.global_hydra import GlobalHydra
+
 from .conftest import ROOT
 
 
@@ -70,7 +72,9 @@ def test_a_single_run_is_pre_flighted_once(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "preflight", counted)
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.setattr(sys, "argv", ["run.py", "debug=fast", "logger=none", "trainer.max_steps=0",
-                                      "method.save_adapter=false", f"hydra.run.dir={tmp_path}/run"])
+                                      "method.save_adapter=false", f"hydra.run.dir={tmp_path}/run",
+                                      "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"])
+    GlobalHydra.instance().clear()  # other tests compose configs in this process
     cli.main()
     assert len(calls) == 1  # by the callback; the run reuses its plan
     assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "completed"
