@@ -1,4 +1,4 @@
-"""Typed config schemas shared by every run, the density budget, and start-up validation.
+"""Typed config schemas shared by every run, the density budget, and validation of values.
 
 Component schemas (a metric's, a mask's, a task's, a method's) live beside their code and are stored
 by :func:`speft.registry.register`. Range checks live in ``__post_init__`` and run when
@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from hydra.experimental.callback import Callback
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -41,12 +40,6 @@ def check_positive(obj: Any, prefix: str, *keys: str, allow_zero: bool = False) 
         check(ok, f"{prefix}.{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
 
 
-def min_set(*values: int | None) -> int | None:
-    """The smallest of the values that are set (caps from a task, a debug preset, ...)."""
-    present = [v for v in values if v is not None]
-    return min(present) if present else None
-
-
 # ----------------------------------------------------------------------------------------------
 # Group schemas that are plain data (no per-option code)
 
@@ -60,24 +53,21 @@ class ModelConfig:
     revision: Optional[str] = None  # Hub revision, for reproducibility when online
     gguf_file: Optional[str] = None  # a GGUF checkpoint inside name_or_path, de-quantised on load
     dtype: str = "float32"  # frozen base weights' dtype; trainable values are always fp32
-    max_length: int = 128  # tokens per example after truncation
 
     def __post_init__(self) -> None:
         from speft.models.families import FAMILIES
 
         check_choice("model.family", self.family, sorted(FAMILIES))
         check_choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
-        check_positive(self, "model", "max_length")
 
 
 @dataclass
 class TrainerConfig:
     name: str = MISSING  # the option's name, the same as its YAML file
     epochs: float = 1.0  # passes over the training split (fractions allowed)
-    max_steps: Optional[int] = None  # optimizer steps; overrides epochs when set (0: evaluate as loaded)
+    max_steps: Optional[int] = None  # optimizer steps; overrides epochs when set (0: evaluate as loaded; debug=fast: 5)
     batch_size: int = 32  # examples per forward pass
     grad_accum_steps: int = 1  # forward passes per optimizer step
-    eval_batch_size: int = 128  # no activations kept, so larger than training
     group_by_length: bool = True  # batches of similar lengths: less padding, same examples per epoch
     lr: float = 1e-3  # learning rate of the sparse values (and baselines' adapters)
     head_lr: Optional[float] = None  # learning rate of a trained head; null = lr
@@ -94,7 +84,7 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         check_positive(self, "trainer", "epochs", "batch_size", "grad_accum_steps")
         check_positive(self, "trainer", "max_steps", allow_zero=True)
-        check_positive(self, "trainer", "eval_batch_size", "lr", "head_lr", "log_every_steps")
+        check_positive(self, "trainer", "lr", "head_lr", "log_every_steps")
         check_positive(self, "trainer", "eval_every_steps", "max_grad_norm", "num_threads")
         check_positive(self, "trainer", "weight_decay", allow_zero=True)
         check(0 <= self.warmup_ratio < 1, f"trainer.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
@@ -103,22 +93,6 @@ class TrainerConfig:
 
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
-
-
-@dataclass
-class DebugConfig:
-    name: str = "none"
-    max_train_steps: Optional[int] = None  # cap on optimizer steps
-    max_train_examples: Optional[int] = None  # cap on the training split
-    max_eval_examples: Optional[int] = None  # cap on every evaluation split
-    max_score_examples: Optional[int] = None  # cap on the salience metric's examples
-    max_generate_examples: Optional[int] = None  # cap on examples evaluated by generation (GSM8K)
-    max_new_tokens: Optional[int] = None  # cap on generated tokens per example
-
-    def __post_init__(self) -> None:
-        check_positive(self, "debug", "max_train_steps", "max_train_examples")
-        check_positive(self, "debug", "max_eval_examples", "max_score_examples")
-        check_positive(self, "debug", "max_generate_examples", "max_new_tokens")
 
 
 @dataclass
@@ -143,7 +117,6 @@ class RunConfig:
     mask: Any = MISSING
     trainer: Any = MISSING
     logger: Any = MISSING
-    debug: Any = MISSING
     paths: PathsConfig = field(default_factory=PathsConfig)
     # Trainable entries: a fraction in (0, 1], an integer count, or "lora:<r>".
     density: Any = "lora:8"
@@ -157,7 +130,6 @@ cs = ConfigStore.instance()
 cs.store(name="schema_run", node=RunConfig)
 cs.store(group="schema/model", name="base", node=ModelConfig)
 cs.store(group="schema/trainer", name="base", node=TrainerConfig)
-cs.store(group="schema/debug", name="base", node=DebugConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,7 +202,6 @@ class Spec:
     mask: Any
     trainer: TrainerConfig
     logger: Any
-    debug: DebugConfig
     paths: PathsConfig
     budget: Budget
     seed: int
@@ -238,7 +209,9 @@ class Spec:
     raw: DictConfig  # the composed config, for logging
 
     def resolved(self) -> dict:
-        return OmegaConf.to_container(self.raw, resolve=True, throw_on_missing=False)  # type: ignore[return-value]
+        """The composed config with every interpolation resolved (Hydra's own node left out)."""
+        raw = OmegaConf.masked_copy(self.raw, [k for k in self.raw if k != "hydra"])
+        return OmegaConf.to_container(raw, resolve=True, throw_on_missing=False)  # type: ignore[return-value]
 
 
 def validate(cfg: DictConfig) -> Spec:
@@ -275,37 +248,3 @@ def validate(cfg: DictConfig) -> Spec:
 def option_names(group: str) -> list[str]:
     conf = PROJECT_ROOT / "conf" / group
     return sorted(str(p.relative_to(conf).with_suffix("")) for p in conf.rglob("*.yaml"))
-
-
-class ValidateCallback(Callback):
-    """Hydra callback: validate before Hydra creates output directories or launches jobs.
-
-    A single run is checked completely (values, target modules and budget on a meta-device model);
-    it also refuses a run folder that already holds a completed result, which it would overwrite
-    (unless ``skip_completed=true``: the run then returns that result, see ``pipeline.reusable_result``).
-    Hydra turns exceptions raised by callbacks into warnings, so a bad config ends the process with
-    ``SystemExit`` (exit status 1, the message on stderr, no traceback).
-    """
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from speft.pipeline import plan_spec
-        from speft.results import completed_result
-
-        def checks() -> None:
-            plan_spec(validate(config))
-            run_dir = Path(config.hydra.run.dir)
-            if completed_result(run_dir) and not config.get("skip_completed", False):
-                raise ConfigError(f"{run_dir} already holds a completed results.json; add "
-                                  f"skip_completed=true to keep it, or choose another hydra.run.dir")
-
-        _exit_on_error(checks)
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _exit_on_error(lambda: validate(config))
-
-
-def _exit_on_error(fn) -> None:
-    try:
-        fn()
-    except ConfigError as e:
-        raise SystemExit(f"Invalid configuration: {e}") from None

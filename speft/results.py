@@ -4,7 +4,8 @@ Keys: ``status`` ("completed" | "failed"), ``error``, ``config`` (resolved), ``m
 ``history`` (validation and training curves), ``trainable_params``, ``trainable`` (by part),
 ``total_params``, ``density``, ``budget``, ``mask`` (per module: selected and total entries),
 ``timings`` (seconds), ``peak_memory_mb``, ``versions``, ``git_sha``, ``git_dirty``, ``seed``,
-``started_at``, ``finished_at``.
+``started_at``, ``finished_at``; ``main_metric`` (the task's main validation key) and ``salience``
+(whether the method uses a salience mask) from the start of the run, so a failed run has them too.
 """
 
 from __future__ import annotations
@@ -18,13 +19,11 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-
-import torch
 
 from speft.config import PROJECT_ROOT
 
@@ -41,14 +40,14 @@ def timed(timings: dict[str, float], key: str) -> Iterator[None]:
         timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` fills a temporary file in the same folder, which is then renamed to ``path``:
+    readers never see half a file (results.json, score-cache files)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=_jsonable)
-            f.write("\n")
+        write(tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
@@ -56,10 +55,19 @@ def write_json_atomic(path: Path, data: dict) -> None:
         raise
 
 
+def write_json_atomic(path: Path, data: dict) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2, default=_jsonable)
+            f.write("\n")
+
+    atomic_write(path, write)
+
+
 def _jsonable(obj):
     if isinstance(obj, (Path,)):
         return str(obj)
-    if isinstance(obj, torch.Tensor):
+    if type(obj).__name__ == "Tensor":  # torch is not imported here: the report reads results without it
         return obj.tolist()
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
@@ -84,6 +92,8 @@ def versions() -> dict[str, str]:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             out[pkg] = None
+    import torch
+
     out["cuda"] = torch.version.cuda
     return out
 
@@ -103,6 +113,8 @@ def git_state() -> tuple[str | None, bool | None]:
 
 def peak_memory_mb() -> dict[str, float]:
     """Peak resident memory of this process, and peak CUDA memory allocated when on a GPU."""
+    import torch
+
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = {"rss": round(rss_kb / 1024 if sys.platform != "darwin" else rss_kb / 2**20, 1)}
     if torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -18,7 +18,7 @@ from speft.registry import ConfigError
 
 from .conftest import CONF, ROOT, compose_cfg
 
-GROUPS = ["model", "task", "method", "metric", "mask", "trainer", "logger", "debug"]
+GROUPS = ["model", "task", "method", "metric", "mask", "trainer", "logger"]
 
 
 def option_files(group: str) -> list[str]:
@@ -36,6 +36,18 @@ def test_every_option_composes_and_validates(group, option):
     node = getattr(spec, group)
     # one string everywhere: CLI option = YAML file = registry name; an alias file selects its canonical option
     assert node.name == registry.aliases(group).get(option, option)
+
+
+@pytest.mark.parametrize("extra", [[], ["task=gsm8k"], ["experiment=mini_study"], ["experiment=gsm8k_gemma2_2b"]])
+def test_debug_fast_sets_the_keys_that_own_each_number_after_any_preset(extra):
+    plain, fast = validate(compose_cfg(*extra)), validate(compose_cfg("debug=fast", *extra))
+    assert (fast.task.max_train_examples, fast.trainer.max_steps, fast.metric.num_score_examples) == (256, 5, 32)
+    gsm8k = fast.task.name == "gsm8k"
+    assert fast.task.max_eval_examples == (4 if gsm8k else 64)
+    if gsm8k:
+        assert fast.task.max_new_tokens == 64
+    assert fast.resolved().keys() == plain.resolved().keys()  # nothing but values changed
+    assert fast.model == plain.model and fast.method == plain.method
 
 
 @pytest.mark.parametrize("group", ["task", "method", "metric", "mask", "logger"])
@@ -143,9 +155,11 @@ def test_the_study_glue_preset_has_its_hyperparameters():
     t = spec.trainer
     assert (t.lr, t.weight_decay, t.scheduler, t.warmup_ratio, t.batch_size, t.grad_accum_steps, t.epochs) == (
         5e-5, 0.0, "linear", 0.0, 32, 2, 30)
-    assert spec.model.max_length == 196 and spec.method.targets == "qkv"
+    assert spec.method.targets == "qkv"
     assert t.max_grad_norm is None and spec.method.train_head is False  # the released loop: no clipping, frozen head
     assert spec.model.dtype == "float32"
+    sst2 = validate(compose_cfg("experiment=glue_opt350m", "task=glue/sst2")).task
+    assert (sst2.max_length, sst2.eval_batch_size) == (196, 128)
     lora = validate(compose_cfg("experiment=glue_opt350m_lora")).method
     assert (lora.name, lora.rank, lora.alpha, lora.dropout) == ("lora", 8, 8, 0.05)
     pissa = validate(compose_cfg("experiment=glue_opt350m_pissa")).method

@@ -283,7 +283,7 @@ def test_fixed_training_subset(tmp_path):
     a = task("sst2", tmp_path, max_train_examples=10, subset_seed=3).splits()["train"]
     assert a == task("sst2", tmp_path, max_train_examples=10, subset_seed=3).splits()["train"]  # reproducible
     assert a != full[:10] and all(r in full for r in a) and len({r["sentence"] for r in a}) == 10
-    assert task("sst2", tmp_path, max_train_examples=10, subset_seed=3).splits(max_train=4)["train"] == a[:4]
+    assert task("sst2", tmp_path, max_train_examples=4, subset_seed=3).splits()["train"] == a[:4]  # nested
     assert task("sst2", tmp_path, max_train_examples=10, subset_seed=4).splits()["train"] != a
     assert task("sst2", tmp_path, subset_seed=3).splits()["train"] == full  # no cap: all rows, file order
 
@@ -297,9 +297,9 @@ def test_task_max_length_and_float_labels_in_batches(tmp_path):
     rows = [{"sentence1": "word " * 300, "sentence2": "other " * 300, "label": 3.0},
             {"sentence1": "short", "sentence2": "pair", "label": 1.25}]
     stsb = task("stsb", tmp_path, max_length=196)
-    enc = stsb.encode(tok, rows, max_length=128)
-    assert len(enc[0]["input_ids"]) == 196 and len(enc[1]["input_ids"]) < 10  # task.max_length wins
-    assert len(task("stsb", tmp_path).encode(tok, rows, max_length=128)[0]["input_ids"]) == 128  # null: model's
+    enc = stsb.encode(tok, rows)
+    assert len(enc[0]["input_ids"]) == 196 and len(enc[1]["input_ids"]) < 10  # task.max_length truncates
+    assert len(task("stsb", tmp_path).encode(tok, rows)[0]["input_ids"]) == 128  # the schema's default
     batch = DataCollatorWithPadding(tok, return_tensors="pt")(enc)
     assert batch["labels"].dtype == torch.float32 and batch["labels"].tolist() == [3.0, 1.25]
     enc = task("rte", tmp_path).encode(tok, [{"sentence1": "a", "sentence2": "b", "label": 1}], 128)

@@ -15,7 +15,7 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForC
 
 from speft.config import Budget, validate
 from speft.models.loading import find_targets, target_shapes
-from speft.pipeline import plan_spec, run
+from speft.pipeline import preflight, run
 from speft.registry import ConfigError
 from speft.sparse.layer import sparse_layers
 from speft.tasks.base import DataError
@@ -120,7 +120,7 @@ def test_mmlu_subjects_and_a_cap_per_subject():
 
 @needs_data
 def test_alpaca_falls_back_to_the_local_subset_offline(caplog):
-    train = Mmlu(MmluConfig(), DATA).splits(max_train=3)["train"]
+    train = Mmlu(MmluConfig(max_train_examples=3), DATA).splits()["train"]
     assert len(train) == 3 and set(train[0]) == {"prompt", "input", "response"}
     assert "unverified provenance" in caplog.text
 
@@ -154,7 +154,8 @@ def test_metamathqa_from_a_local_file(tmp_path):
         (tmp_path / "gsm8k" / f"{split}.jsonl").write_text('{"question": "q", "answer": "a #### 1"}\n')
     meta = tmp_path / "MetaMathQA-395K.json"
     meta.write_text(json.dumps([{"query": f"q{i}", "response": f"The answer is: {i}"} for i in range(5)]))
-    train = Gsm8k(Gsm8kConfig(train_data="metamathqa", train_file=str(meta)), tmp_path).splits(max_train=3)["train"]
+    cfg = Gsm8kConfig(train_data="metamathqa", train_file=str(meta), max_train_examples=3)
+    train = Gsm8k(cfg, tmp_path).splits()["train"]
     assert [r["prompt"] for r in train] == ["q0", "q1", "q2"]  # the first N, the study's slice
 
 
@@ -208,18 +209,18 @@ def tiny_lm(tmp_path_factory):
     tok = tiny_tokenizer()
     tok.save_pretrained(folder)
     tiny_llama(len(tok), max_positions=2048).save_pretrained(folder)
-    return [f"model.name_or_path={folder}", "model.package=null", "model.gguf_file=null", "model.max_length=256"]
+    return [f"model.name_or_path={folder}", "model.package=null", "model.gguf_file=null", "task.max_length=256"]
 
 
 FAST = ["debug=fast", "logger=none", "method.save_adapter=false", "trainer.grad_accum_steps=1",
-        "debug.max_train_steps=2", "debug.max_train_examples=16", "debug.max_score_examples=8"]
+        "trainer.max_steps=2", "task.max_train_examples=16", "metric.num_score_examples=8"]
 
 
 @needs_data
 @pytest.mark.parametrize("method", ["sparse", "lora", "full"])
 def test_gsm8k_end_to_end_on_a_tiny_llama(tiny_lm, method, tmp_path):
     cfg = compose_cfg(*FAST, "task=gsm8k", "model=smollm2_135m", *tiny_lm, f"method={method}",
-                      "debug.max_generate_examples=3", "debug.max_new_tokens=8", "task.eval_batch_size=2")
+                      "task.max_eval_examples=3", "task.max_new_tokens=8", "task.eval_batch_size=2")
     run(cfg, run_dir=tmp_path)
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["status"] == "completed", data["error"]
@@ -235,18 +236,26 @@ def test_gsm8k_end_to_end_on_a_tiny_llama(tiny_lm, method, tmp_path):
 @needs_data
 def test_mmlu_end_to_end_and_zero_shot(tiny_lm, tmp_path):
     cfg = compose_cfg(*FAST, "task=mmlu", "model=smollm2_135m", *tiny_lm, "task.subjects=[anatomy,astronomy]",
-                      "debug.max_eval_examples=4", "trainer.max_steps=0")
+                      "task.max_eval_examples=4", "trainer.max_steps=0")
     result = run(cfg, run_dir=tmp_path)
     data = result.results
     assert data["status"] == "completed" and data["train_steps"] == 0
     assert set(data["metrics"]) == {"test/accuracy", "test/accuracy_macro", "test/subject/anatomy",
                                     "test/subject/astronomy"}
-    assert 0 <= data["metrics"]["test/accuracy"] <= 1
+    preds = [json.loads(line) for line in (tmp_path / "predictions_test.jsonl").read_text().splitlines()]
+    assert {p["subject"] for p in preds} == {"anatomy", "astronomy"}
+    assert data["metrics"]["test/accuracy"] == pytest.approx(sum(p["correct"] for p in preds) / len(preds))
 
 
-def test_head_only_is_refused_for_a_pretrained_lm_head():
+def test_preflight_plans_a_gguf_model_without_de_quantising_it(tmp_path):
+    plan = preflight(compose_cfg("task=gsm8k", "model=smollm2_135m", f"paths.cache_dir={tmp_path}"), tmp_path / "run")
+    assert len(plan.shapes) == 30 * 4 and plan.budget == 8 * sum(o + i for o, i in plan.shapes.values())
+    assert not (tmp_path / "models").exists() and not (tmp_path / "run").exists()
+
+
+def test_head_only_is_refused_for_a_pretrained_lm_head(tmp_path):
     with pytest.raises(ConfigError, match="pretrained LM head"):
-        plan_spec(validate(compose_cfg("task=mmlu", "model=smollm2_135m", "method=head_only")))
+        preflight(compose_cfg("task=mmlu", "model=smollm2_135m", "method=head_only"), tmp_path)
 
 
 @needs_data
@@ -254,15 +263,17 @@ def test_head_only_is_refused_for_a_pretrained_lm_head():
 def test_smollm2_end_to_end_from_the_command_line(task, tmp_path):
     """The issue's check, trimmed: the real packaged SmolLM2-135M trains a few steps and is evaluated."""
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    extra = (["debug.max_generate_examples=2", "debug.max_new_tokens=16"] if task == "gsm8k"
-             else ["task.subjects=[anatomy,astronomy]", "debug.max_eval_examples=4"])
+    extra = (["task.max_eval_examples=2", "task.max_new_tokens=16"] if task == "gsm8k"
+             else ["task.subjects=[anatomy,astronomy]", "task.max_eval_examples=4"])
     cmd = [sys.executable, "run.py", *FAST, f"task={task}", "model=smollm2_135m", "task.max_length=128",
            *extra, f"hydra.run.dir={tmp_path}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["status"] == "completed" and data["train_steps"] == 2
-    assert data["metrics"][data["main_metric"]] >= 0
+    preds = [json.loads(line) for line in (tmp_path / "predictions_test.jsonl").read_text().splitlines()]
+    field = "flexible_correct" if task == "gsm8k" else "correct"  # each task's main metric, per example
+    assert data["metrics"][data["main_metric"]] == pytest.approx(sum(p[field] for p in preds) / len(preds))
 
 
 @needs_data
@@ -270,8 +281,8 @@ def test_gradient_checkpointing_and_bf16_train_the_same_sparse_delta(tiny_lm, tm
     """Checkpointing recomputes activations: the trained values are those of a plain run. A bf16 base
     keeps fp32 sparse values that move in the same direction."""
     def values(tag: str, *extra: str) -> torch.Tensor:
-        cfg = compose_cfg(*FAST, "task=gsm8k", "model=smollm2_135m", *tiny_lm, "debug.max_generate_examples=1",
-                          "debug.max_new_tokens=2", *extra)
+        cfg = compose_cfg(*FAST, "task=gsm8k", "model=smollm2_135m", *tiny_lm, "task.max_eval_examples=1",
+                          "task.max_new_tokens=2", *extra)
         model = run(cfg, run_dir=tmp_path / tag).model
         deltas = []  # dense deltas: the two dtypes' scores may select slightly different entries
         for m in sparse_layers(model).values():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import fields
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -63,7 +64,8 @@ def setup_runtime(schedule, score_fn, k=12):
         model(torch.randn(8, 6)).pow(2).mean().backward()
         opt.step()
         opt.zero_grad()
-    schedule.bind(MaskRuntime(model, layers, opt, total_steps=100, budget=k, score=score_fn))
+    scorer = SimpleNamespace(rescore=lambda model, targets, n: score_fn(n))  # the run's Scorer, faked
+    schedule.bind(MaskRuntime(model, layers, opt, total_steps=100, budget=k, scorer=scorer))
     return model, layers, opt, original
 
 

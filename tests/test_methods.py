@@ -61,9 +61,8 @@ def test_frozen_head_is_counted_out_and_left_at_its_initialisation(tmp_path):
     assert result.results["trainable_params"] == LORA_R8 and result.results["trainable"]["head"] == 0
 
 
-def test_dynamic_masks_need_the_sparse_method():
-    from speft.config import validate
-    from speft.pipeline import plan_spec
+def test_dynamic_masks_need_the_sparse_method(tmp_path):
+    from speft.pipeline import preflight
 
     with pytest.raises(ConfigError, match="mask=reselect"):
-        plan_spec(validate(compose_cfg("method=lora", "mask=reselect")))
+        preflight(compose_cfg("method=lora", "mask=reselect"), tmp_path)

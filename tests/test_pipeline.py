@@ -98,7 +98,7 @@ def test_wandb_offline_logs_config_curves_mask_and_summary(tmp_path, monkeypatch
     # An offline run is one protobuf log; its keys and strings are stored as plain UTF-8. W&B's
     # service may still be flushing right after finish() on a loaded machine: allow it a few seconds.
     needles = [b"train/loss", b"train/lr", b"validation/accuracy", b"test/accuracy", b"rotten_tomatoes",
-               b"multirun/x", b"trainable_params", b"completed"]
+               b"multirun/x", b"trainable_params", b"completed", b"main_metric"]
     deadline = time.monotonic() + 20
     while True:
         blob = b"".join(p.read_bytes() for p in runs[0].glob("run-*.wandb"))

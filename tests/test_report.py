@@ -165,6 +165,9 @@ class FakeRun:
         self.id, self.config, self.summary, self.state = id, config, summary, state
 
 
+MAIN = {"main_metric": "validation/accuracy", "num_score_examples": 32}  # what speft.loggers.wandb logs
+
+
 class FakeApi:
     """The part of wandb.Api the report uses: runs(path) -> runs with config, summary, state and id."""
 
@@ -179,11 +182,11 @@ class FakeApi:
             "_wandb": {"cli_version": "0.19"}}
         return [
             FakeRun("a", cfg("grad", 1), {"validation/accuracy": 0.80, "status": "completed", "density": 0.04,
-                                          "timings/total_s": 10.0, "train/loss": 0.3}),
-            FakeRun("b", cfg("grad", 2), {"validation/accuracy": 0.90, "status": "completed"}),
+                                          "timings/total_s": 10.0, "train/loss": 0.3, **MAIN}),
+            FakeRun("b", cfg("grad", 2), {"validation/accuracy": 0.90, "status": "completed", **MAIN}),
             FakeRun("c", {"task.name": "glue/sst2", "method.name": "sparse", "metric.name": "snip",  # flat keys
                           "mask.name": "static", "mask.selection": "global", "density": "lora:8", "seed": 1},
-                    {"validation/accuracy": 0.70}),
+                    {"validation/accuracy": 0.70, **MAIN}),
             FakeRun("d", cfg("snip", 2), {}, state="crashed"),
         ]
 
@@ -284,7 +287,7 @@ def test_a_real_sweep_gives_four_cells_per_task(tmp_path):
     """python run.py -m ... metric=grad,snip mask=static,reselect: four completed runs, four cells."""
     env = {**os.environ, "WANDB_MODE": "disabled", "SPEFT_CACHE_DIR": str(tmp_path / "cache")}
     cmd = [sys.executable, "run.py", "-m", "debug=fast", "logger=none", "metric=grad,snip", "mask=static,reselect",
-           "method.save_adapter=false", "debug.max_train_steps=2", "trainer.batch_size=8",  # seconds per run
+           "method.save_adapter=false", "trainer.max_steps=2", "trainer.batch_size=8",  # seconds per run
            f"hydra.sweep.dir={tmp_path}/sweep"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -296,3 +299,10 @@ def test_a_real_sweep_gives_four_cells_per_task(tmp_path):
         assert sum(table.cell(r, col).n == 1 for r in table.rows) == 4
     assert table.rows == ["sparse/grad/reselect", "sparse/grad/static", "sparse/snip/reselect", "sparse/snip/static"]
     assert not table.failures and not table.notes
+
+
+def test_the_report_imports_no_model_code():
+    code = ("import sys, speft.report, speft.report.__main__; "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft', 'speft.components') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -3,7 +3,6 @@
 # MRPC and RTE from ../shared/data/glue, a fixed 1,000-example training subset of each (subset_seed 0),
 # the full dev sets, 2 epochs, 3 seeds; sparse with grad, snip, magnitude and random at the LoRA-r8
 # budget against LoRA r8, full fine-tuning and the head alone. About 50 minutes on 2 CPU cores.
-# Then: python experiments/glue/table.py experiments/glue/cpu_minilm/runs --out experiments/glue/cpu_minilm
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=experiments/glue/cpu_minilm/runs
@@ -13,5 +12,5 @@ COMMON=(task=glue/sst2,glue/mrpc,glue/rte seed=1,2,3 task.max_train_examples=100
 python run.py -m "${COMMON[@]}" method=sparse metric=grad,snip,magnitude,random hydra.sweep.dir=$OUT/sparse
 python run.py -m "${COMMON[@]}" method=lora,head_only hydra.sweep.dir=$OUT/baselines
 python run.py -m "${COMMON[@]}" method=full trainer.lr=5e-5 trainer.head_lr=2e-3 hydra.sweep.dir=$OUT/full
-python experiments/glue/table.py $OUT --out experiments/glue/cpu_minilm
-python experiments/glue/table.py $OUT --out experiments/glue/cpu_minilm --best
+python -m speft.report $OUT --out experiments/glue/cpu_minilm/results
+python -m speft.report $OUT --value best --out experiments/glue/cpu_minilm/results_best

@@ -29,6 +29,7 @@ from speft.config import Budget
 from speft.masks.selection import SELECTIONS
 from speft.results import RESULTS_FILE
 from speft.salience.cache import read
+from speft.tasks.base import spearman  # the one Spearman (scipy; NaN for a constant input)
 
 Scores = dict[str, torch.Tensor]
 
@@ -79,25 +80,6 @@ def iou(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return inter / union if union else 1.0
 
 
-def ranks(x: torch.Tensor) -> torch.Tensor:
-    """0-based ranks of the flattened values (float64); tied values share their average rank."""
-    values, order = torch.sort(x.reshape(-1).double())
-    _, inverse, counts = torch.unique_consecutive(values, return_inverse=True, return_counts=True)
-    ends = counts.cumsum(0).double()
-    average = ends - (counts.double() + 1) / 2
-    out = torch.empty_like(values)
-    out[order] = average[inverse]
-    return out
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman's ρ: Pearson correlation of the ranks (NaN when either input is constant)."""
-    ra, rb = ranks(a), ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denom = ra.norm() * rb.norm()
-    return float((ra @ rb) / denom) if denom > 0 else float("nan")
-
-
 def compare(inputs: list[tuple[str, Scores]], density, selection: str = "global") -> tuple[int, list[dict]]:
     """Budget k and one row per pair: ``a``, ``b``, ``iou``, ``spearman_mean``, ``spearman_min``."""
     shapes = {n: tuple(s.shape) for n, s in inputs[0][1].items()}
@@ -116,11 +98,11 @@ def compare(inputs: list[tuple[str, Scores]], density, selection: str = "global"
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| metric A | metric B | IoU of selected sets | Spearman ρ (mean over modules) | Spearman ρ (min) |",
-             "|---|---|---:|---:|---:|"]
-    lines += [f"| {r['a']} | {r['b']} | {r['iou']:.4f} | {r['spearman_mean']:.4f} | {r['spearman_min']:.4f} |"
-              for r in rows]
-    return "\n".join(lines)
+    from speft.report.tables import markdown_table
+
+    header = ["metric A", "metric B", "IoU of selected sets", "Spearman ρ (mean over modules)", "Spearman ρ (min)"]
+    body = [[r["a"], r["b"], *(f"{r[k]:.4f}" for k in ("iou", "spearman_mean", "spearman_min"))] for r in rows]
+    return markdown_table(header, body, [False, False, True, True, True]).rstrip("\n")
 
 
 def unique_labels(inputs: list[tuple[str, Scores]]) -> list[tuple[str, Scores]]:

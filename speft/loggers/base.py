@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from omegaconf import MISSING
+
 
 @dataclass
 class LoggerConfig:
-    name: str = "???"  # the option's name, the same as its YAML file
+    name: str = MISSING  # the option's name, the same as its YAML file
 
 
 class RunLogger:

@@ -74,8 +74,8 @@ class WandbLogger(RunLogger):
         if self.run is None:
             return
         summary = {k: v for k, v in results.get("metrics", {}).items()}
-        summary.update({"status": results.get("status"), "trainable_params": results.get("trainable_params"),
-                        "density": results.get("density")})
+        summary.update({k: results.get(k) for k in ("status", "trainable_params", "density", "main_metric",
+                                                      "num_score_examples")})
         summary.update({f"timings/{k}": v for k, v in results.get("timings", {}).items()})
         self.run.summary.update(summary)
         self.run.finish(exit_code=0 if results.get("status") == "completed" else 1)

@@ -8,10 +8,11 @@ schedules are then bound to the training run (:meth:`bind`) and called after eve
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+from omegaconf import MISSING
 from torch import nn
 
 from speft.config import check_choice
@@ -19,10 +20,13 @@ from speft.masks.selection import SELECTIONS
 
 log = logging.getLogger(__name__)
 
+if TYPE_CHECKING:
+    from speft.salience.scorer import Scorer
+
 
 @dataclass
 class MaskConfig:
-    name: str = "???"  # the option's name, the same as its YAML file
+    name: str = MISSING  # the option's name, the same as its YAML file
     selection: str = "global"  # global: one top-k over all targets; local: per module, counts by the budget form
 
     def __post_init__(self) -> None:
@@ -38,10 +42,15 @@ class MaskRuntime:
     optimizer: torch.optim.Optimizer
     total_steps: int
     budget: int
-    score: Callable[[int], dict[str, torch.Tensor]]  # n examples -> salience scores on fresh batches
+    scorer: Scorer  # the run's scorer (speft.salience.scorer)
     initial: dict[str, torch.Tensor] = field(default_factory=dict)  # the initial mask, per module
     batches_per_epoch: int = 0  # micro-batches per epoch (0: unknown); mask=dynamic mode=released counts them
     grad_accum_steps: int = 1  # micro-batches per optimizer step
+
+    def score(self, n: int | None) -> dict[str, torch.Tensor]:
+        """Salience of every target entry at the current weights, on ``n`` fresh training examples
+        (None: as many as the first scoring)."""
+        return self.scorer.rescore(self.model, self.layers, n)
 
     def values_group(self) -> dict:
         return next(g for g in self.optimizer.param_groups if g.get("name") == "sparse")

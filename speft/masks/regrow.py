@@ -1,7 +1,7 @@
 """``regrow``: RigL/SpIEL-style drop and grow. Every ``update_every_steps`` until ``end_fraction`` of
 training, each module drops the fraction f(t) of its active entries with the smallest |value|
 (f decays from ``drop_fraction`` to 0 by a cosine, as in RigL) and grows as many inactive entries
-with the highest salience (the run's metric on ``grow_examples`` fresh training examples, at the
+with the highest salience (the run's metric on ``num_score_examples`` fresh training examples, at the
 current weights). Dropped entries return to the pretrained weight; grown ones start at zero with
 fresh optimizer moments; survivors keep their values and Adam moments exactly. Each module keeps its
 count, so the budget stays exact."""
@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -25,11 +26,11 @@ class RegrowMaskConfig(MaskConfig):
     update_every_steps: int = 50  # optimizer steps between updates
     drop_fraction: float = 0.3  # initial fraction of each module's entries replaced (RigL's default)
     end_fraction: float = 0.75  # no updates in the last quarter of training (RigL's default)
-    grow_examples: int = 128  # examples whose gradients rank the inactive entries
+    num_score_examples: Optional[int] = 128  # examples whose gradients rank the inactive entries; null = metric's
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive(self, "mask", "update_every_steps", "grow_examples")
+        check_positive(self, "mask", "update_every_steps", "num_score_examples")
         check(0 < self.drop_fraction < 1, f"mask.drop_fraction={self.drop_fraction} must be in (0, 1)")
         check(0 < self.end_fraction <= 1, f"mask.end_fraction={self.end_fraction} must be in (0, 1]")
 
@@ -56,7 +57,7 @@ class RegrowMask(MaskSchedule):
         if fraction <= 0:
             return None
         t0 = time.perf_counter()
-        scores = rt.score(self.cfg.grow_examples)
+        scores = rt.score(self.cfg.num_score_examples)
         moved = 0
         for name, layer in rt.layers.items():
             n = round(fraction * layer.values.numel())

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
+from omegaconf import MISSING
 from torch import nn
 
 from speft.models.loading import head_parameters
 
+if TYPE_CHECKING:
+    from speft.salience.scorer import Scorer
+
 
 @dataclass
 class MethodConfig:
-    name: str = "???"  # the option's name, the same as its YAML file
+    name: str = MISSING  # the option's name, the same as its YAML file
     targets: str = "attention"  # target preset of the model family (see speft/models/families.py)
     target_regex: Optional[list[str]] = None  # module-name regexes; override `targets` when set
     train_head: bool = True  # train a new task head too (counted apart); a causal LM's pretrained head stays frozen
@@ -29,17 +33,11 @@ class PrepareContext:
     model: nn.Module
     targets: dict[str, nn.Linear]
     family: str
-    budget: int  # trainable entries in the target modules
-    metric: Any  # SalienceMetric
-    mask: Any  # MaskSchedule
-    score_batches: Callable[[], Iterable[dict]]
-    num_score_examples: int
-    seed: int
-    timings: dict[str, float] = field(default_factory=dict)
-    score_cache_dir: Optional[Path] = None  # folder of the score cache; None = no caching
-    score_key: dict[str, Any] = field(default_factory=dict)  # model, task and data facts that key the cache
-    scoring: dict[str, Any] = field(default_factory=dict)  # filled by prepare: cache, path, examples, peak memory
     new_head: bool = True  # False: the head is pretrained (a causal LM's lm_head) and stays frozen
+    budget: Optional[int] = None  # trainable entries in the target modules (salience methods)
+    mask: Any = None  # MaskSchedule (salience methods)
+    scorer: Optional[Scorer] = None  # salience scores (speft.salience.scorer); None for methods without salience
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

@@ -9,8 +9,6 @@ from speft.config import check, check_positive
 from speft.methods.base import Method, MethodConfig, PrepareContext, Prepared, freeze_all
 from speft.registry import register
 from speft.results import timed
-from speft.salience.base import ScoreContext
-from speft.salience.cache import compute_scores
 from speft.sparse.io import save_adapter
 from speft.sparse.layer import inject
 
@@ -35,12 +33,10 @@ class Sparse(Method):
     def save(self, model, folder, **info) -> bool:
         save_adapter(model, folder, **info)
         return True
+
     def prepare(self, ctx: PrepareContext, lr: float, head_lr: float) -> Prepared:
         with timed(ctx.timings, "scoring_s"):
-            score_ctx = ScoreContext(ctx.model, ctx.targets, ctx.score_batches, ctx.num_score_examples, ctx.seed)
-            device = next(iter(ctx.targets.values())).weight.device
-            scores, info = compute_scores(ctx.metric, score_ctx, ctx.score_cache_dir, ctx.score_key, device)
-            ctx.scoring.update(info)
+            scores = ctx.scorer.score(ctx.model, ctx.targets)
         with timed(ctx.timings, "selection_s"):
             indices = ctx.mask.select(scores, ctx.budget)
         del scores

@@ -114,10 +114,11 @@ def hub_only_hint(cfg: ModelConfig, source: str) -> Iterator[None]:
 
 
 def build_meta_model(cfg: ModelConfig, head: str, num_labels: int | None, cache_dir: Path | None = None) -> nn.Module:
-    """The model's structure on the meta device: shapes without weights, in well under a second."""
+    """The model's structure on the meta device: shapes without weights, in well under a second. A GGUF
+    checkpoint's config comes from its header: nothing is de-quantised before the run (``cache_dir`` unused)."""
     from transformers import AutoConfig
 
-    source, kwargs = checkpoint(cfg, cache_dir)
+    source, kwargs = checkpoint(cfg)
     with hub_only_hint(cfg, source):
         hf_cfg = AutoConfig.from_pretrained(source, **kwargs)
     if num_labels is not None:

@@ -7,7 +7,8 @@ Columns (``available_keys`` lists those present):
 * derived: ``budget`` (comparable across methods: ``density`` for salience methods, ``lora:<rank>`` for the
   LoRA family, none for full and head_only), ``trainable_fraction`` (results.json's ``density``: the trainable
   fraction of the target entries), ``trainable_params``, ``total_params``, ``main_metric`` (the task's main
-  validation key, e.g. ``validation/accuracy``), ``validation_split``, ``train_steps``;
+  validation key that results.json records, e.g. ``validation/accuracy``), ``validation_split``, ``train_steps``,
+  ``salience`` (results.json's ``salience``: False for methods without a salience mask);
 * ``status`` (completed, failed, running), ``error`` (type: message), ``run`` (the run folder or W&B id);
 * ``timings.<name>`` (seconds), ``peak_memory_mb.<name>``, ``scoring.path``, ``scoring.cache``;
 * objects: ``metrics`` and ``best_metrics`` (dicts), ``mask_modules`` and ``mask_final_modules``
@@ -17,7 +18,6 @@ Columns (``available_keys`` lists those present):
 from __future__ import annotations
 
 import difflib
-import functools
 import json
 import math
 import re
@@ -32,7 +32,7 @@ from speft.results import RESULTS_FILE
 WANDB_PREFIX = "wandb:"
 OBJECT_COLUMNS = ("metrics", "best_metrics", "mask_modules", "mask_final_modules")
 CORE_COLUMNS = ("task.name", "method.name", "metric.name", "mask.name", "mask.selection", "density", "seed",
-                "model.name", "scoring.path")
+                "model.name", "scoring.path", "salience")
 # W&B run states -> results.json statuses
 WANDB_STATES = {"finished": "completed", "failed": "failed", "crashed": "failed", "killed": "failed",
                 "running": "running", "pending": "running", "preempted": "failed"}
@@ -42,48 +42,10 @@ class ReportError(ValueError):
     """Bad input to the report (no results, unknown key...): the message says what to do."""
 
 
-# ----------------------------------------------------------------------------------------------
-# Tasks and methods: the registry knows each task's main metric and which methods use salience.
-
-
-@functools.cache
-def task_info(task: str) -> tuple[str, str] | None:
-    """(validation split, main metric) of a registered task, or None when the name is unknown."""
-    import speft.components  # noqa: F401  (registers the tasks)
-    from speft import registry
-
-    try:
-        cls = registry.get("task", task).obj
-    except (ValueError, KeyError):
-        return None
-    return getattr(cls, "validation_split", "validation"), cls.main_metric
-
-
-@functools.cache
-def uses_salience(method: str | None) -> bool:
-    """True when the method's mask comes from a salience metric (its metric and mask keys matter); an
-    unknown or missing method counts as one (nothing is hidden)."""
-    if not isinstance(method, str):
-        return True
-    import speft.components  # noqa: F401
-    from speft import registry
-
-    try:
-        return bool(registry.get("method", method).obj.uses_salience)
-    except (ValueError, KeyError):
-        return True
-
-
-def main_metric_key(data: dict, task: str | None) -> tuple[str | None, str | None]:
-    """(main metric key such as ``validation/accuracy``, validation split) of a result.
-
-    ``results["main_metric"]``, when the run recorded it, wins over the registry's current definition."""
-    info = task_info(task) if task else None
-    split = info[0] if info else "validation"
-    recorded = data.get("main_metric")
-    if recorded:
-        return (recorded if "/" in recorded else f"{split}/{recorded}"), split
-    return (f"{split}/{info[1]}" if info else None), split
+def uses_salience(value: Any) -> bool:
+    """A record's ``salience`` cell: False only when the run is known to use no salience mask (its
+    metric and mask keys are unused); unknown counts as True (nothing is hidden)."""
+    return value is not False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,11 +63,11 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def budget_of(config: dict) -> str | None:
+def budget_of(config: dict, salience: bool | None) -> str | None:
     """A budget label comparable across methods: the sparse ``density`` and LoRA's rank both read ``lora:8``;
     None for methods whose budget is the method itself (full, head_only)."""
     method = config.get("method") or {}
-    if uses_salience(method.get("name")):
+    if uses_salience(salience):
         return None if config.get("density") is None else str(config["density"])
     if method.get("rank") is not None:
         return f"lora:{method['rank']}"
@@ -124,19 +86,22 @@ def error_text(error: Any) -> str | None:
 def record_from_result(data: dict, run: str) -> dict[str, Any]:
     """The flat record of one results.json (or W&B run mapped to its shape)."""
     config = data.get("config") or {}
-    task = (config.get("task") or {}).get("name")
-    main_key, split = main_metric_key(data, task)
+    main_key = data.get("main_metric")  # recorded by every run, e.g. validation/accuracy
+    salience = data.get("salience")  # False: the method uses no salience mask (LoRA, full...)
+    if salience is None and data.get("num_score_examples") is not None:  # results written before "salience"
+        salience = bool(data["num_score_examples"])
     rec: dict[str, Any] = flatten(config)
     rec.update({
         "run": run,
         "status": data.get("status") or "unknown",
         "error": error_text(data.get("error")),
-        "budget": budget_of(config),
+        "salience": salience,
+        "budget": budget_of(config, salience),
         "trainable_fraction": data.get("density"),
         "trainable_params": data.get("trainable_params"),
         "total_params": data.get("total_params"),
         "main_metric": main_key,
-        "validation_split": split,
+        "validation_split": main_key.split("/")[0] if main_key else "validation",
         "train_steps": data.get("train_steps"),
         "metrics": dict(data.get("metrics") or {}),
         "best_metrics": dict(data.get("best_metrics") or {}),
@@ -217,6 +182,7 @@ def wandb_result(run) -> dict:
         "trainable_params": summary.get("trainable_params"),
         "timings": {k[len("timings/"):]: v for k, v in summary.items() if k.startswith("timings/")},
         "main_metric": summary.get("main_metric"),
+        "num_score_examples": summary.get("num_score_examples"),
     }
 
 
@@ -309,8 +275,8 @@ def apply_filters(df: pd.DataFrame, filters: Iterable[str]) -> pd.DataFrame:
         check_keys(df, [key], "--filter")
         keep = df[key].map(lambda v, accepted=accepted: normalise(v) in accepted)
         keep = ~keep if negated else keep
-        if key.startswith(SALIENCE_GROUPS) and "method.name" in df:
-            keep |= ~df["method.name"].map(uses_salience)
+        if key.startswith(SALIENCE_GROUPS):
+            keep |= ~df["salience"].map(uses_salience)
         df = df[keep]
     return df
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from speft.report.collect import ReportError, apply_filters, natural_key
-from speft.report.tables import default_rows, row_label
+from speft.report.tables import default_rows, markdown_table, row_label
 
 BENCH_COLUMNS = ("method", "step_s", "step_vs_lora", "peak_memory_mb", "memory_vs_lora", "trainable")
 RUN_COSTS = {  # output column -> record column
@@ -106,9 +106,6 @@ def markdown(frame: pd.DataFrame, digits: int = 3) -> str:
             return f"{v:,}"
         return str(v)
 
-    header = [str(c) for c in frame.columns]
     numeric = [pd.api.types.is_numeric_dtype(frame[c]) for c in frame.columns]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]
-    for _, row in frame.iterrows():
-        lines.append("| " + " | ".join(fmt(v) for v in row.tolist()) + " |")
-    return "\n".join(lines) + "\n"
+    body = [[fmt(v) for v in row] for row in frame.itertuples(index=False)]
+    return markdown_table([str(c) for c in frame.columns], body, numeric)

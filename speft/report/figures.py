@@ -127,7 +127,7 @@ def mask_bars(df: pd.DataFrame, average_metrics: bool = True, value: str = "fina
     over metrics, or over seeds when there is one metric). Else one group per metric and one bar per
     schedule/selection pair (error bars: std over seeds)."""
     data = values_frame(df, value, metric, scale, filters)
-    data = data[data["method.name"].map(uses_salience)]
+    data = data[data["salience"].map(uses_salience)]
     if data.empty:
         raise ReportError("no completed sparse (salience) run to compare masks")
     tasks = sorted(data["task.name"].unique(), key=natural_key)
@@ -391,7 +391,7 @@ def write_figures(df: pd.DataFrame, out: str | Path, overlap: str | Path | None 
 
     # The density sweep: the sparse runs of the mask schedule and selection with the most budgets (and the
     # baselines, whose mask settings are unused); other schedules would add one-point lines.
-    sweep = df[(df["status"] == "completed") & df["method.name"].map(uses_salience)]
+    sweep = df[(df["status"] == "completed") & df["salience"].map(uses_salience)]
     if len(sweep) and sweep.groupby("task.name")["budget"].nunique().max() > 1:
         counts = sweep.groupby(["mask.name", "mask.selection"])["budget"].nunique()
         name, selection = counts.idxmax()
@@ -400,7 +400,7 @@ def write_figures(df: pd.DataFrame, out: str | Path, overlap: str | Path | None 
     else:
         done["density_sweep"] = "skipped: one budget per task, no sweep"
     # Masks compared at one budget: the most common one.
-    salience = df[df["method.name"].map(uses_salience) & (df["status"] == "completed")]
+    salience = df[df["salience"].map(uses_salience) & (df["status"] == "completed")]
     budget = salience["budget"].mode().iloc[0] if salience["budget"].notna().any() else None
     same_budget = [f"budget={budget}"] if budget is not None else []
     if len(salience) and salience[["mask.name", "mask.selection"]].drop_duplicates().shape[0] > 1:

@@ -191,7 +191,7 @@ def run_value(rec: pd.Series, value: str = "final", metric: str | None = None) -
 def default_rows(df: pd.DataFrame) -> list[str]:
     """``method.name, metric.name`` plus every factor of :data:`FACTORS` that varies in the data."""
     rows = [k for k in DEFAULT_ROWS if k in df.columns]
-    salience = df[df["method.name"].map(uses_salience)]
+    salience = df[df["salience"].map(uses_salience)]
     for key in FACTORS:
         if key not in df.columns:
             continue
@@ -204,7 +204,7 @@ def default_rows(df: pd.DataFrame) -> list[str]:
 def row_label(rec: pd.Series, keys: list[str]) -> tuple[str, tuple]:
     """Label and key values of a record's row; metric and mask keys are left out for methods without a
     salience mask (LoRA is "lora", not "lora/grad")."""
-    salience = uses_salience(rec.get("method.name"))
+    salience = uses_salience(rec.get("salience"))
     values = tuple(None if (not salience and k.startswith(SALIENCE_GROUPS)) else rec.get(k) for k in keys)
     parts = [str(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not parts and not salience:  # rows by metric only: a baseline is its method ("lora")
@@ -232,37 +232,27 @@ def pivot(df: pd.DataFrame, rows: list[str] | None = None, cols: list[str] | Non
     check_keys(df, rows, "--rows")
     check_keys(df, cols, "--cols")
 
-    records = []
-    for _, rec in df.iterrows():
-        label, values = row_label(rec, rows)
-        key, v = run_value(rec, value, metric)
-        records.append({"row": label, "row_values": values, "col": col_label(rec, cols), "status": rec["status"],
-                        "key": key, "value": v * scale, "seed": rec.get("seed"), "run": rec["run"],
-                        "error": rec.get("error")})
-    long = pd.DataFrame.from_records(records)
+    labels = df.apply(lambda rec: row_label(rec, rows), axis=1, result_type="expand")
+    keys = df.apply(lambda rec: run_value(rec, value, metric), axis=1, result_type="expand")
+    long = pd.DataFrame({"row": labels[0], "row_values": labels[1], "col": df.apply(col_label, axis=1, keys=cols),
+                         "status": df["status"], "key": keys[0], "value": keys[1].astype(float) * scale,
+                         "seed": df["seed"], "run": df["run"], "error": df["error"]})
     # Salience methods first (the study's rows), then the baselines; natural order within each.
-    salient = dict(zip(long["row"], df["method.name"].map(uses_salience)))
+    salient = dict(zip(long["row"], df["salience"].map(uses_salience)))
     row_order = sorted(long["row"].unique(), key=lambda r: (not salient[r], natural_key(r)))
     col_order = sorted(long["col"].unique(), key=natural_key)
-    cells: dict[tuple[str, str], Cell] = {}
-    for (r, c), group in long.groupby(["row", "col"], sort=False):
-        cell = Cell()
-        for _, x in group.iterrows():
-            if x["status"] == "completed":
-                if math.isnan(x["value"]):
-                    cell.no_value += 1
-                else:
-                    cell.values.append(float(x["value"]))
-                    cell.seeds.append(x["seed"])
-            elif x["status"] == "failed":
-                cell.failed += 1
-            else:
-                cell.running += 1
-        cells[(r, c)] = cell
+    done = long["status"] == "completed"
+    flags = long.assign(ok=done & long["value"].notna(), no_value=done & long["value"].isna(),
+                        failed=long["status"] == "failed", running=~long["status"].isin(["completed", "failed"]))
+    cells = {(r, c): Cell(values=g.loc[g["ok"], "value"].tolist(), seeds=g.loc[g["ok"], "seed"].tolist(),
+                          failed=int(g["failed"].sum()), running=int(g["running"].sum()),
+                          no_value=int(g["no_value"].sum()))
+             for (r, c), g in flags.groupby(["row", "col"], sort=False)}
 
     table = Table(row_keys=rows, col_keys=cols, rows=row_order, cols=col_order,
                   row_values=dict(zip(long["row"], long["row_values"])), cells=cells,
-                  metrics={c: sorted({k for k in long.loc[long["col"] == c, "key"] if k}) for c in col_order},
+                  metrics={c: sorted({k for k in long.loc[long["col"] == c, "key"] if isinstance(k, str)})
+                           for c in col_order},
                   value=value, scale=scale, digits=digits if digits is not None else (2 if scale >= 100 else 4),
                   average=average)
     for _, x in long[long["status"] == "failed"].iterrows():
@@ -320,15 +310,21 @@ def _grid(table: Table) -> tuple[list[str], list[list[str]], dict[str, set[str]]
     return header, body, table.best()
 
 
+def markdown_table(header: list[str], body: list[list[str]], numeric: list[bool]) -> str:
+    """The one Markdown table writer (the study's table, cost tables, overlap tables); numeric columns
+    are right-aligned."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]
+    lines += ["| " + " | ".join(str(t).replace("|", "\\|") for t in row) + " |" for row in body]
+    return "\n".join(lines) + "\n"
+
+
 def to_markdown(table: Table) -> str:
     header, body, best = _grid(table)
     cols = [*table.cols, AVERAGE] if table.average else list(table.cols)
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-    for r, line in zip(table.rows, body):
-        line = [t.replace("|", "\\|") for t in line]
-        out = [line[0]] + [f"**{t}**" if r in best.get(c, ()) else t for c, t in zip(cols, line[1:])]
-        lines.append("| " + " | ".join(out) + " |")
-    return "\n".join(lines + [""] + table.footer()) + "\n"
+    body = [[line[0]] + [f"**{t}**" if r in best.get(c, ()) else t for c, t in zip(cols, line[1:])]
+            for r, line in zip(table.rows, body)]
+    text = markdown_table(header, body, [False] + [True] * (len(header) - 1))
+    return text + "\n".join([""] + table.footer()) + "\n"
 
 
 LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",

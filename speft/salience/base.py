@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from omegaconf import MISSING
 from torch import nn
 
 from speft.config import check_positive
@@ -25,7 +26,7 @@ from speft.config import check_positive
 
 @dataclass
 class MetricConfig:
-    name: str = "???"  # the option's name, the same as its YAML file
+    name: str = MISSING  # the option's name, the same as its YAML file
     num_score_examples: int = 1024  # training examples the scores are computed from (the study's default)
     batch_size: Optional[int] = None  # scoring batch size; null = trainer.batch_size
     cache: bool = True  # reuse scores saved under paths.cache_dir/scores for the same key; false = always compute

@@ -25,8 +25,6 @@ import hashlib
 import inspect
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from speft.results import atomic_write
 from speft.salience.base import SalienceMetric, ScoreContext
 from speft.salience.memory import PeakMemory
 
@@ -94,18 +93,10 @@ def checksum(scores: dict[str, torch.Tensor]) -> str:
 
 
 def save(path: Path, scores: dict[str, torch.Tensor], key_json: str) -> None:
-    """Write atomically: a temporary file in the same folder, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write atomically (:func:`speft.results.atomic_write`)."""
     tensors = {name: s.detach().to("cpu", torch.float32).contiguous() for name, s in scores.items()}
     metadata = {"key": key_json, "checksum": checksum(tensors), "format": f"speft-scores-v{SCORES_VERSION}"}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -8,22 +8,24 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from omegaconf import MISSING
 
-from speft.config import check_positive, min_set
+from speft.config import check_positive
 
 
 @dataclass
 class TaskConfig:
-    name: str = "???"  # the option's name, the same as its YAML file
+    name: str = MISSING  # the option's name, the same as its YAML file
     max_train_examples: Optional[int] = None  # take N training examples: the first N, or a seeded N (subset_seed)
     max_eval_examples: Optional[int] = None  # take the first N examples of each evaluation split
-    # A cap on train (task or debug) takes the first N rows in file order; with a seed, the first N of a
-    # seeded shuffle: a fixed random subset, the same for every run seed (and nested as N grows).
+    # A cap on train takes the first N rows in file order; with a seed, the first N of a seeded
+    # shuffle: a fixed random subset, the same for every run seed (and nested as N grows).
     subset_seed: Optional[int] = None
-    max_length: Optional[int] = None  # tokens per example after truncation; null = model.max_length
+    max_length: int = 128  # tokens per example after truncation (short texts; GLUE presets: 196, LM tasks: 512)
+    eval_batch_size: int = 256  # examples per evaluation batch: no activations kept, so larger than training
 
     def __post_init__(self) -> None:
-        check_positive(self, "task", "max_train_examples", "max_eval_examples", "max_length")
+        check_positive(self, "task", "max_train_examples", "max_eval_examples", "max_length", "eval_batch_size")
 
 
 class DataError(ValueError):
@@ -54,20 +56,19 @@ class ClassificationTask:
         """Every split as a list of ``{<text fields>..., "label": int}``."""
         raise NotImplementedError
 
-    def splits(self, max_train: int | None = None, max_eval: int | None = None,
-               max_generate: int | None = None) -> dict[str, list[dict]]:
-        """The splits, capped (``max_generate`` concerns generation-evaluated tasks only)."""
+    def splits(self) -> dict[str, list[dict]]:
+        """The splits, capped by ``max_train_examples`` and ``max_eval_examples``."""
         out = self.load_splits()
         for name, rows in out.items():
             if name == "train":
-                out[name] = self.train_subset(rows, max_train)
-            elif (cap := min_set(self.cfg.max_eval_examples, max_eval)) is not None:
-                out[name] = rows[:cap]
+                out[name] = self.train_subset(rows)
+            elif self.cfg.max_eval_examples is not None:
+                out[name] = rows[: self.cfg.max_eval_examples]
         return out
 
-    def train_subset(self, rows: list[dict], max_train: int | None) -> list[dict]:
+    def train_subset(self, rows: list[dict]) -> list[dict]:
         """The capped training split: the first N rows, or the first N of a ``subset_seed`` shuffle."""
-        cap = min_set(self.cfg.max_train_examples, max_train)
+        cap = self.cfg.max_train_examples
         if cap is None or cap >= len(rows):
             return rows
         if self.cfg.subset_seed is not None:
@@ -76,9 +77,9 @@ class ClassificationTask:
             return [rows[i] for i in order[:cap]]
         return rows[:cap]
 
-    def encode(self, tokenizer, rows: list[dict], max_length: int) -> list[dict]:
-        """Tokenise; ``task.max_length``, when set, overrides the ``max_length`` passed in (the model's)."""
-        max_length = self.cfg.max_length or max_length
+    def encode(self, tokenizer, rows: list[dict], max_length: int | None = None) -> list[dict]:
+        """Tokenise, truncating to ``max_length`` (default ``task.max_length``)."""
+        max_length = max_length or self.cfg.max_length
         texts = [[r[f] for r in rows] for f in self.text_fields]
         enc = tokenizer(*texts, truncation=True, max_length=max_length)
         return [{**{k: v[i] for k, v in enc.items()}, "labels": rows[i]["label"]} for i in range(len(rows))]
@@ -123,7 +124,7 @@ def matthews_correlation(preds: Any, labels: Any) -> float:
 
 def _correlation(fn, preds: Any, labels: Any) -> float:
     """scipy's coefficient; NaN when it is undefined (a constant input, or fewer than two examples)."""
-    preds, labels = _np(preds).astype(np.float64), _np(labels).astype(np.float64)
+    preds, labels = _np(preds).astype(np.float64).reshape(-1), _np(labels).astype(np.float64).reshape(-1)
     if preds.size < 2 or np.all(preds == preds[0]) or np.all(labels == labels[0]):
         return float("nan")
     return float(fn(preds, labels)[0])

@@ -24,6 +24,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
+from omegaconf import MISSING
 
 from speft.config import check, check_choice
 from speft.registry import register
@@ -39,7 +40,7 @@ DOWNLOAD_HINT = ("the layout of the GLUE download script (https://gluebenchmark.
 
 @dataclass
 class GlueConfig(TaskConfig):
-    name: str = "???"  # glue/<task>, the same as the YAML file
+    name: str = MISSING  # glue/<task>, the same as the YAML file
     source: str = "auto"  # auto: local files when <data_dir>/glue/<DIR> exists, else the Hub; or local / hub
     hub_dataset: str = HUB_ID  # the Hub dataset with one configuration per GLUE task
     hub_revision: Optional[str] = None  # a Hub commit, for reproducibility when online

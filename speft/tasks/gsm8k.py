@@ -8,7 +8,7 @@ Training data (``task.train_data``):
   (the file of the Hub dataset ``meta-math/MetaMathQA``) or ``task.train_file``, else the Hub. The study
   trains on its first 100,000 records: ``task.max_train_examples=100000`` without ``subset_seed``.
 
-Evaluation: the 1,319 test problems, ``num_fewshot`` exemplars from GSM8K train (``fewshot=harness``:
+Evaluation: the 1,319 test problems, ``num_fewshot`` exemplars from GSM8K train (``fewshot_sampler=harness``:
 drawn per problem by lm-eval-harness's seeded sampler, so prompts equal the harness's; ``first_n``: the
 first k for every problem), tokenised as the harness (the tokenizer's own BOS, once), greedy generation,
 ``strict_match`` and ``flexible_extract`` accuracy (:mod:`speft.evaluation.gsm8k`). Predictions go to
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from speft.config import check_choice, check_positive, min_set
+from speft.config import check_choice, check_positive
 from speft.registry import register
 from speft.tasks.lm import CausalLMTask, LMTaskConfig, check_train_data, read_json_list, read_jsonl
 
@@ -37,21 +37,18 @@ class Gsm8kConfig(LMTaskConfig):
     train_data: str = "gsm8k"  # gsm8k | metamathqa
     hub_revision: Optional[str] = None  # a Hub commit of the training dataset, for reproducibility online
     max_new_tokens: int = 256  # the harness's generation limit for gsm8k
-    fewshot: str = "harness"  # harness: k seeded draws per problem (lm-eval's sampler); first_n: the same k for all
+    fewshot_sampler: str = "harness"  # harness: k seeded draws per problem (lm-eval's sampler); first_n: one k for all
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_train_data(self.name, self.train_data, TRAIN_DATA)
         check_positive(self, "task", "max_new_tokens")
-        check_choice("task.fewshot", self.fewshot, FEWSHOT)
+        check_choice("task.fewshot_sampler", self.fewshot_sampler, FEWSHOT)
 
 
 @register("task", "gsm8k", schema=Gsm8kConfig)
 class Gsm8k(CausalLMTask):
     main_metric = "flexible_extract"
-
-    def eval_cap(self, max_eval, max_generate):
-        return min_set(self.cfg.max_eval_examples, max_eval, max_generate)
 
     def gsm8k_split(self, split: str) -> list[dict]:
         path = self.local("gsm8k", f"{split}.jsonl")
@@ -72,7 +69,7 @@ class Gsm8k(CausalLMTask):
     def evaluate(self, split, model, tokenizer, rows, *, device, out_dir: Path, max_new_tokens=None):
         from speft.evaluation import gsm8k
 
-        if self.cfg.fewshot == "harness":  # per problem, in test-file order: rows are the file's first N
+        if self.cfg.fewshot_sampler == "harness":  # per problem, in test-file order: rows are the file's first N
             exemplars = gsm8k.fewshot_exemplars(self.fewshot_pool, len(rows), self.cfg.num_fewshot)
         else:
             exemplars = self.fewshot_pool[: self.cfg.num_fewshot]

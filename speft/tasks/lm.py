@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from speft.config import check, check_choice, check_positive, min_set
+from speft.config import check, check_choice, check_positive
 from speft.tasks.base import ClassificationTask, DataError, TaskConfig
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class LMTaskConfig(TaskConfig):
     train_on_prompt: bool = False  # false: loss on response tokens only
     packing: bool = False  # concatenate examples into blocks of max_length
     num_fewshot: int = 5  # in-context examples at evaluation (lm-evaluation-harness default for both)
+    max_length: int = 512  # tokens per training example (prompt + response)
     eval_batch_size: int = 8  # prompts per evaluation batch (5-shot prompts are long)
     max_context: Optional[int] = None  # evaluation prompt tokens kept (from the end); null = the model's limit
 
@@ -110,15 +111,10 @@ class CausalLMTask(ClassificationTask):
                             f"files under paths.data_dir (see ../shared/data/README.md) or set "
                             f"task.train_file") from None
 
-    def eval_cap(self, max_eval: int | None, max_generate: int | None) -> int | None:
-        """Evaluation examples kept; generation-evaluated tasks also obey ``debug.max_generate_examples``."""
-        return min_set(self.cfg.max_eval_examples, max_eval)
-
-    def splits(self, max_train: int | None = None, max_eval: int | None = None,
-               max_generate: int | None = None) -> dict[str, list[dict]]:
+    def splits(self) -> dict[str, list[dict]]:
         rows = self.load_splits()
-        train = self.train_subset(rows["train"], max_train)  # without subset_seed: the first N (the study's slice)
-        return {"train": train, "test": self.cap_test(rows["test"], self.eval_cap(max_eval, max_generate))}
+        train = self.train_subset(rows["train"])  # without subset_seed: the first N (the study's slice)
+        return {"train": train, "test": self.cap_test(rows["test"], self.cfg.max_eval_examples)}
 
     def cap_test(self, rows: list[dict], cap: int | None) -> list[dict]:
         return rows if cap is None else rows[:cap]
@@ -143,8 +139,8 @@ class CausalLMTask(ClassificationTask):
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         return [(p, r + eos) for p, r in zip(p_ids, r_ids)]
 
-    def encode(self, tokenizer, rows: list[dict], max_length: int) -> list[dict]:
-        max_length = self.cfg.max_length or max_length
+    def encode(self, tokenizer, rows: list[dict], max_length: int | None = None) -> list[dict]:
+        max_length = max_length or self.cfg.max_length
         cut = None if self.cfg.packing else max_length  # packed examples are cut into blocks, not truncated
         out, dropped = [], 0
         for p, r in self.token_pairs(tokenizer, rows):

@@ -27,11 +27,10 @@ class TrainState:
     mask_updates: list[dict] = field(default_factory=list)
 
 
-def total_steps(cfg: TrainerConfig, batches_per_epoch: int, cap: int | None) -> int:
+def total_steps(cfg: TrainerConfig, batches_per_epoch: int) -> int:
     if cfg.max_steps == 0:
         return 0  # evaluate the model as loaded (zero-shot)
-    steps = cfg.max_steps or math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum_steps)
-    return max(1, min(steps, cap) if cap else steps)
+    return max(1, cfg.max_steps or math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum_steps))
 
 
 def move(batch: dict, device: torch.device) -> dict:
@@ -57,7 +56,6 @@ def train(
     loader: DataLoader,
     cfg: TrainerConfig,
     device: torch.device,
-    max_steps_cap: int | None,
     on_log: Callable[[dict, int], None],
     validate: Callable[[int], dict] | None = None,
     on_start: Callable[[torch.optim.Optimizer, int], None] | None = None,
@@ -67,7 +65,7 @@ def train(
     step (mask schedules: it may swap parameters in the optimizer's groups) and may return a record."""
     from transformers import get_scheduler
 
-    steps = total_steps(cfg, len(loader), max_steps_cap)
+    steps = total_steps(cfg, len(loader))
     optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=round(cfg.warmup_ratio * steps),
                               num_training_steps=steps)

@@ -1,0 +1,67 @@
+"""The command line: ``python run.py [group=option ...] [key=value ...]`` (``-m`` for sweeps).
+
+The Hydra callback runs :func:`speft.pipeline.preflight` before Hydra creates an output folder, so a
+bad single run leaves nothing behind; the run then reuses that pre-flight (once per job). A sweep's
+config is validated before any job starts; each job runs its own pre-flight, and a job refused there
+records a failed results.json (see :func:`speft.pipeline.run`). Hydra turns exceptions raised by
+callbacks into warnings, so a refused config ends the process with ``SystemExit`` (exit status 1, the
+message on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+import speft.components  # noqa: F401  registers every component and its config schema
+from speft.config import validate
+from speft.pipeline import Plan, RunResult, preflight, run
+from speft.registry import ConfigError
+
+_checked: list[Plan] = []  # the callback's pre-flight of a single run, taken by main()
+
+
+class PreflightCallback(Callback):
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _checked.clear()
+        _checked.append(_exit_on_error(lambda: preflight(config, Path(config.hydra.run.dir))))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _exit_on_error(lambda: validate(config))  # the values every job shares; each job checks the rest
+
+
+def _exit_on_error(fn):
+    try:
+        return fn()
+    except ConfigError as e:
+        raise SystemExit(f"Invalid configuration: {e}") from None
+
+
+def checked_plan(cfg: DictConfig) -> Plan | None:
+    """The callback's pre-flight when it was of this very config, else None."""
+    plan = _checked.pop() if _checked else None
+    if plan is None or plan.config != OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False):
+        return None
+    return plan
+
+
+@hydra.main(config_path=str(Path(__file__).resolve().parent.parent / "conf"), config_name="config",
+            version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    """Run one job; return the task's main metric (the objective for Hydra sweepers)."""
+    hc = HydraConfig.get()
+    sweep_dir = hc.sweep.dir if hc.mode == RunMode.MULTIRUN else None
+    result = run(cfg, run_dir=Path(hc.runtime.output_dir), run_name=hc.job.override_dirname or hc.job.name,
+                 sweep_dir=sweep_dir, plan=checked_plan(cfg))
+    return objective(result)
+
+
+def objective(result: RunResult) -> float | None:
+    """The task's main validation metric (``combined_score`` for MRPC, ``matthews_correlation`` for CoLA...)."""
+    return result.metrics.get(result.results.get("main_metric"))

@@ -1,0 +1,65 @@
+"""The run's scorer: one object that turns "score the targets" into salience scores.
+
+It holds the metric, the seeded sample of training examples the first scores come from, a seeded
+stream of fresh examples for dynamic masks' re-scoring, the collation and device of their batches,
+and the score cache's key facts. The pipeline builds one per run for methods that use salience;
+``method.prepare`` calls :meth:`Scorer.score` and a dynamic mask :meth:`Scorer.rescore` (through
+``MaskRuntime.score``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from speft.salience.base import SalienceMetric, ScoreContext
+from speft.salience.cache import compute_scores
+
+
+def example_stream(rows: list[dict], seed: int) -> Iterator[dict]:
+    """Endless seeded reshuffles of ``rows``."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        for i in torch.randperm(len(rows), generator=g).tolist():
+            yield rows[i]
+
+
+class Scorer:
+    """Scores for one run. The first sample holds ``metric.sample_factor`` (GraSP: 2) times
+    ``metric.num_score_examples`` examples, at most the whole split."""
+
+    def __init__(self, metric: SalienceMetric, rows: list[dict], collate: Callable[[list[dict]], dict],
+                 device: torch.device, *, batch_size: int, seed: int, cache_dir=None,
+                 key: dict[str, Any] | None = None) -> None:
+        self.metric, self.rows, self.collate, self.device = metric, rows, collate, device
+        self.batch_size, self.seed, self.cache_dir = batch_size, seed, cache_dir
+        self.key = {**(key or {}), "train_examples": len(rows), "batch_size": batch_size}
+        n = min(metric.sample_factor * metric.cfg.num_score_examples, len(rows))
+        g = torch.Generator().manual_seed(seed)
+        self.sample = [rows[i] for i in torch.randperm(len(rows), generator=g)[:n].tolist()]
+        self._stream = example_stream(rows, seed + 1)  # dynamic masks' fresh examples, apart from the sample
+        self.info: dict[str, Any] = {}  # the first scoring's cache record and peak memory (results.json)
+
+    def batches(self, rows: list[dict]) -> Callable[[], Iterator[dict]]:
+        def it() -> Iterator[dict]:
+            for i in range(0, len(rows), self.batch_size):
+                batch = self.collate(rows[i : i + self.batch_size])
+                yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+        return it
+
+    def score(self, model: nn.Module, targets: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
+        """Scores of ``targets`` on the seeded sample, from the score cache when it holds them."""
+        ctx = ScoreContext(model, targets, self.batches(self.sample), len(self.sample), self.seed)
+        scores, self.info = compute_scores(self.metric, ctx, self.cache_dir, self.key, self.device)
+        return scores
+
+    def rescore(self, model: nn.Module, targets: dict[str, nn.Module], n: int | None = None) -> dict[str, torch.Tensor]:
+        """Scores at the current weights on ``n`` fresh examples of the stream (None: as many as the
+        first sample), at most the whole split; never cached."""
+        n = min(n or len(self.sample), len(self.rows))
+        rows = [next(self._stream) for _ in range(n)]
+        return self.metric.score(ScoreContext(model, targets, self.batches(rows), n, self.seed))
