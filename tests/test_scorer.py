@@ -1,4 +1,4 @@
-"""The run's scorer: a seeded first sample, fresh re-scoring examples apart from it, caps, the cache."""
+"""The run's scorer: a seeded first sample, fresh re-scoring examples apart from it, sizes, the cache."""
 
 from __future__ import annotations
 
@@ -25,10 +25,10 @@ class Recorder(SalienceMetric):
         return {}
 
 
-def scorer(num=8, factor=1, cap=None, batch_size=3):
+def scorer(num=8, factor=1, batch_size=3):
     metric = Recorder(MetricConfig(name="rec", num_score_examples=num, cache=False))
     metric.sample_factor, metric.calls = factor, []
-    return Scorer(metric, ROWS, collate, torch.device("cpu"), batch_size=batch_size, seed=7, cap=cap), metric
+    return Scorer(metric, ROWS, collate, torch.device("cpu"), batch_size=batch_size, seed=7), metric
 
 
 def test_first_sample_is_a_seeded_permutation_prefix_in_batches():
@@ -39,17 +39,17 @@ def test_first_sample_is_a_seeded_permutation_prefix_in_batches():
     assert s.info["cache"] == "off" and s.info["examples"] == 8
 
 
-def test_sample_factor_cap_and_split_size_bound_the_sample():
+def test_sample_factor_and_split_size_bound_the_sample():
     assert len(scorer(num=8, factor=2)[0].sample) == 16  # GraSP: two sets
-    assert len(scorer(num=8, factor=2, cap=5)[0].sample) == 10
     assert len(scorer(num=100)[0].sample) == 40
 
 
 def test_rescoring_draws_fresh_examples_from_a_second_seeded_stream():
-    s, metric = scorer(num=8, cap=6)
+    s, metric = scorer(num=6)
     s.rescore(torch.nn.Linear(1, 1), {}, None)  # as many as the first sample
     s.rescore(torch.nn.Linear(1, 1), {}, 4)
-    s.rescore(torch.nn.Linear(1, 1), {}, 50)  # capped
+    s.rescore(torch.nn.Linear(1, 1), {}, 50)  # at most the whole split
     seen = [sum(call, []) for call in metric.calls]
     stream = example_stream(list(range(40)), 8)
-    assert seen == [[next(stream) for _ in range(n)] for n in (6, 4, 6)]
+    assert seen == [[next(stream) for _ in range(n)] for n in (6, 4, 40)]
+    assert seen[0] != [r["labels"].item() for r in s.sample]  # a stream apart from the first sample

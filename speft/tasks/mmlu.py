@@ -15,7 +15,7 @@ subject), scored by the log-likelihood of " A".." D" with the harness's tokenisa
 own BOS, once; :mod:`speft.evaluation.mmlu`); ``accuracy`` is the average over questions,
 ``accuracy_macro`` over subjects, plus one ``subject/<name>`` entry per subject.
 Local layout ``<data_dir>/mmlu/data/{dev,test}/<subject>_{dev,test}.csv``, else the Hub (``cais/mmlu``).
-A cap on evaluation examples (``max_eval_examples``, ``debug``) takes the same number from each subject.
+A cap on evaluation examples (``max_eval_examples``) takes the same number from each subject.
 """
 
 from __future__ import annotations
