@@ -81,6 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=os.environ.get("SPEFT_DATA_DIR", "../shared/data"),
                    help="real text for --mask grad (paths.data_dir: gsm8k/train.jsonl, glue/SST-2/train.tsv)")
     p.add_argument("--score-examples", type=int, default=32, help="examples the grad mask is scored on")
+    p.add_argument("--masks-file", default=None,
+                   help="grad masks are read from this file when it holds the same shape, targets, text and ranks; "
+                        "else scored and written to it (saves rescoring between runs)")
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--repeats", type=int, default=1, help="processes per configuration, interleaved (median)")
@@ -211,6 +214,21 @@ def grad_masks(args: argparse.Namespace) -> dict[int, dict[str, torch.Tensor]]:
     shapes = target_shapes(targets)
     return {r: {name: i.cpu() for name, i in select_global(scores, Budget("lora", r).resolve(shapes)).items()}
             for r in args.rank}
+
+
+def cached_grad_masks(args: argparse.Namespace) -> dict[int, dict[str, torch.Tensor]]:
+    """:func:`grad_masks`, through ``--masks-file`` when given."""
+    key = {"shape": args.shape, "targets": args.targets, "batch": args.batch, "seq": args.seq, "dtype": args.dtype,
+           "score_examples": args.score_examples, "data_dir": str(Path(args.data_dir).resolve())}
+    path = Path(args.masks_file) if args.masks_file else None
+    if path and path.exists():
+        saved = torch.load(path)
+        if saved["key"] == key and set(args.rank) <= set(saved["masks"]):
+            return {r: saved["masks"][r] for r in args.rank}
+    masks = grad_masks(args)
+    if path:
+        torch.save({"key": key, "masks": masks}, path)
+    return masks
 
 
 def build(args: argparse.Namespace, method: str):
@@ -379,7 +397,7 @@ def main(argv=None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         mask_files = {}
         if any(c[2] == "grad" for c in configs):
-            for r, indices in grad_masks(args).items():
+            for r, indices in cached_grad_masks(args).items():
                 mask_files[r] = os.path.join(tmp, f"grad_r{r}.pt")
                 torch.save(indices, mask_files[r])
         runs: dict[tuple, list[dict]] = {c: [] for c in configs}

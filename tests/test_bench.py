@@ -124,3 +124,19 @@ def test_bad_arguments_fail_early(bad, capsys):
     with pytest.raises(SystemExit):
         parse_args(bad)
     assert "error" in capsys.readouterr().err
+
+
+def test_masks_file_caches_grad_masks_for_the_same_key_only(data_dir, tmp_path, monkeypatch):
+    import speft.bench as bench
+
+    calls = []
+    real = bench.grad_masks
+    monkeypatch.setattr(bench, "grad_masks", lambda args: calls.append(args.rank) or real(args))
+    base = [*TINY, "--mask", "grad", "--data-dir", str(data_dir), "--score-examples", "4",
+            "--masks-file", str(tmp_path / "masks.pt")]
+    first = bench.cached_grad_masks(parse_args([*base, "--rank", "2,3"]))
+    again = bench.cached_grad_masks(parse_args([*base, "--rank", "3"]))  # a subset of the stored ranks
+    assert calls == [[2, 3]] and all(torch.equal(again[3][n], first[3][n]) for n in first[3])
+    bench.cached_grad_masks(parse_args([*base, "--rank", "3", "--seq", "6"]))  # other text: rescored
+    bench.cached_grad_masks(parse_args([*base, "--rank", "4"]))  # a rank not stored: rescored
+    assert calls == [[2, 3], [3], [4]]
