@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from speft.sparse.layer import SparseDeltaLinear, inject, sparse_layers
+from speft.sparse.layer import SparseDeltaLinear, candidate_plans, inject, sparse_layers
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
 
@@ -260,3 +260,17 @@ def test_dense_weight_gradient_still_returned_with_a_structured_plan():
     layer(x).backward(g)
     torch.testing.assert_close(layer.weight.grad, g.reshape(-1, OUT).t() @ x.reshape(-1, IN))
     assert rel_err(layer.values.grad, dense_reference(x, g, layer.indices.long(), 0.5)) <= 1e-6
+
+
+@pytest.mark.parametrize("kind", ["random", "clustered", "row_band", "col_band", "single"])
+def test_every_candidate_structure_gives_the_dense_gradient(kind):
+    torch.manual_seed(2)
+    idx = mask(kind)[torch.randperm(mask(kind).numel())]  # unsorted, as after a regrow
+    x, g = torch.randn(9, IN), torch.randn(9, OUT)
+    ref = dense_reference(x, g, idx, 1.0)
+    plans = candidate_plans(idx, (OUT, IN))
+    assert [p.kind for p, _ in plans] == ["dense", "rows_cols", "row_bands", "col_bands"]
+    for plan, _ in plans:
+        assert rel_err(plan.values_grad(g, x), ref) <= 1e-6, plan.kind
+        rows = set((idx // IN).tolist())
+        assert plan.computed >= len(idx) and (plan.kind == "dense" or plan.computed <= len(rows) * IN)

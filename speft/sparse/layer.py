@@ -31,7 +31,7 @@ BLOCK_COST = 512  # fixed cost of one block product (call overhead, ~10 µs), in
 class _Block:
     rows: slice | torch.Tensor  # output features of the block: a range, or gathered indices
     cols: slice | torch.Tensor  # input features of the block
-    pos: torch.Tensor  # int64 positions of the block's entries in the flattened (rows × cols) product
+    pos: torch.Tensor  # positions of the block's entries in the flattened (rows × cols) product (int32 if it fits)
     n_rows: int
     n_cols: int
 
@@ -43,7 +43,7 @@ class GradPlan:
     kind: str  # "empty", "dense", "rows_cols", "row_bands" or "col_bands"
     idx: torch.Tensor  # int64 flat indices, in ``values`` order
     blocks: list[_Block]
-    slots: torch.Tensor | None  # where the blocks' concatenated entries go in ``values`` (None: in order)
+    gather: torch.Tensor | None  # per value, its place among the blocks' concatenated entries (None: in order)
     computed: int  # entries of the products per token (out·in for dense)
     dense: int  # out·in
 
@@ -62,8 +62,8 @@ class GradPlan:
             x = x2[:, b.cols] if isinstance(b.cols, slice) else x2.index_select(1, b.cols)
             parts.append(g.t().mm(x).view(-1).index_select(0, b.pos))
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
-        if self.slots is not None:
-            out = torch.empty_like(out).index_copy_(0, self.slots, out)
+        if self.gather is not None:
+            out = out.index_select(0, self.gather)
         return out
 
 
@@ -86,7 +86,12 @@ def _block(rows: torch.Tensor, cols: torch.Tensor) -> tuple[_Block, int]:
     ri = rows - r0 if r0 >= 0 else r_inv
     ci = cols - c0 if c0 >= 0 else c_inv
     cost = nr * nc + GATHER_COST * ((0 if r0 >= 0 else nr) + (0 if c0 >= 0 else nc)) + BLOCK_COST
-    return _Block(rsel, csel, ri * nc + ci, nr, nc), cost
+    return _Block(rsel, csel, _compact(ri * nc + ci, nr * nc), nr, nc), cost
+
+
+def _compact(index: torch.Tensor, bound: int) -> torch.Tensor:
+    """int32 when every value fits (index_select takes either; half the memory of int64)."""
+    return index.to(torch.int32) if bound <= torch.iinfo(torch.int32).max else index
 
 
 def _banded(rows: torch.Tensor, cols: torch.Tensor, by_rows: bool) -> tuple[list[_Block], torch.Tensor, int]:
@@ -104,28 +109,31 @@ def _banded(rows: torch.Tensor, cols: torch.Tensor, by_rows: bool) -> tuple[list
     return blocks, order, cost
 
 
-def build_plan(indices: torch.Tensor, shape: tuple[int, int]) -> GradPlan:
-    """The cheapest of dense, rows × columns, row bands and column bands for these flat indices."""
+def candidate_plans(indices: torch.Tensor, shape: tuple[int, int]) -> list[tuple[GradPlan, int]]:
+    """Every structure for these flat indices with its estimated cost: dense, rows × columns, row
+    bands and column bands (or only "empty" when there is no index)."""
     out_f, in_f = shape
     dense_n = out_f * in_f
     idx = indices.reshape(-1).to(torch.int64)
     if idx.numel() == 0:
-        return GradPlan("empty", idx, [], None, 0, dense_n)
+        return [(GradPlan("empty", idx, [], None, 0, dense_n), 0)]
     dense = GradPlan("dense", idx, [_Block(slice(None), slice(None), idx, out_f, in_f)], None, dense_n, dense_n)
-    best, best_cost = dense, dense_n + BLOCK_COST
     rows, cols = torch.div(idx, in_f, rounding_mode="floor"), idx % in_f
     blk, cost = _block(rows, cols)
-    if cost < best_cost:
-        best, best_cost = GradPlan("rows_cols", idx, [blk], None, blk.n_rows * blk.n_cols, dense_n), cost
+    plans = [(dense, dense_n + BLOCK_COST), (GradPlan("rows_cols", idx, [blk], None, blk.n_rows * blk.n_cols,
+                                                      dense_n), cost)]
+    arange = torch.arange(idx.numel(), device=idx.device)
     for by_rows in (True, False):
         blocks, order, cost = _banded(rows, cols, by_rows)
-        if cost < best_cost:
-            arange = torch.arange(idx.numel(), device=idx.device)
-            slots = None if torch.equal(order, arange) else order
-            best_cost = cost
-            best = GradPlan("row_bands" if by_rows else "col_bands", idx, blocks, slots,
-                            sum(b.n_rows * b.n_cols for b in blocks), dense_n)
-    return best
+        gather = None if torch.equal(order, arange) else _compact(torch.argsort(order), idx.numel())
+        plans.append((GradPlan("row_bands" if by_rows else "col_bands", idx, blocks, gather,
+                               sum(b.n_rows * b.n_cols for b in blocks), dense_n), cost))
+    return plans
+
+
+def build_plan(indices: torch.Tensor, shape: tuple[int, int]) -> GradPlan:
+    """The cheapest of dense, rows × columns, row bands and column bands for these flat indices."""
+    return min(candidate_plans(indices, shape), key=lambda pc: pc[1])[0]  # ties: the first (dense)
 
 
 class _SparseDeltaLinear(torch.autograd.Function):
