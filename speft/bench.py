@@ -404,8 +404,10 @@ def main(argv=None) -> list[dict]:
         for _ in range(args.repeats):  # interleaved: load changes hit every configuration alike
             for method, rank, mask in configs:
                 extra = [f"--mask-file={mask_files[rank]}"] if mask == "grad" else []
-                runs[(method, rank, mask)].append(_subprocess_json(
-                    [sys.executable, "-m", "speft.bench", *common, f"--rank={rank}", *extra, "--worker", method]))
+                run = _subprocess_json(
+                    [sys.executable, "-m", "speft.bench", *common, f"--rank={rank}", *extra, "--worker", method])
+                runs[(method, rank, mask)].append(run)
+                print(json.dumps({"run": method, "rank": rank, "mask": mask, **run}), file=sys.stderr, flush=True)
     rows = [{"method": c[0], **summarise(runs[c])} for c in configs]
     frozen = next((r for r in rows if r["method"] == "frozen" and "error" not in r), None)
     for row in rows:
