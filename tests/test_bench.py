@@ -1,19 +1,142 @@
-"""The efficiency benchmark runs every method in its own process at equal trainable counts."""
+"""The efficiency benchmark runs every method in its own process at equal trainable counts, on random
+or real-gradient masks, and reports the sparse backward's structured fraction."""
 
 from __future__ import annotations
 
-from speft.bench import METHODS, main
+import json
+
+import pytest
+import torch
+
+from speft.bench import build, configurations, grad_masks, main, parse_args, scoring_setup, structure
+from speft.models.loading import find_targets
+
+TINY = ["--shape", "tiny", "--batch", "2", "--seq", "8", "--steps", "1", "--warmup", "0", "--device", "cpu"]
+# LoRA rank r on q,k,v,o,gate,up,down of 2 tiny layers: r·(in+out) summed
+TINY_SHAPES = [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)]
 
 
-def test_bench_reports_every_method_with_matched_counts(capsys):
-    rows = main(["--shape", "tiny", "--batch", "2", "--seq", "8", "--steps", "1", "--warmup", "0", "--rank", "2",
-                 "--device", "cpu"])
+def lora_count(r: int) -> int:
+    return r * 2 * sum(o + i for o, i in TINY_SHAPES)
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    """Six GSM8K-style rows (the grad mask's real text) in the paths.data_dir layout."""
+    rows = [{"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
+             "answer": f"Tom has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"}
+            for a, b in [(3, 4), (10, 5), (7, 7), (12, 1), (2, 9), (6, 8)]]
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return tmp_path
+
+
+def test_configurations_measure_full_and_frozen_once_and_each_rank_and_mask():
+    args = parse_args([*TINY, "--rank", "2,3", "--mask", "random,grad"])
+    assert configurations(args) == [("full", 2, None), ("frozen", 2, None), ("lora", 2, None),
+                                    ("sparse", 2, "random"), ("sparse", 2, "grad"), ("lora", 3, None),
+                                    ("sparse", 3, "random"), ("sparse", 3, "grad")]
+    args = parse_args([*TINY, "--rank", "4", "--methods", "sparse,frozen"])
+    assert configurations(args) == [("frozen", 4, None), ("sparse", 4, "random")]
+
+
+def test_bench_reports_every_method_with_matched_counts_and_ratios(capsys):
+    rows = main([*TINY, "--rank", "2"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert [json.loads(line) for line in out] == rows  # one JSON line per configuration, as returned
+    key = [(r["method"], r.get("rank"), r.get("mask")) for r in rows]
+    assert key == [("full", None, None), ("frozen", None, None), ("lora", 2, None), ("sparse", 2, "random")]
+    assert not any("error" in r for r in rows)
     by = {r["method"]: r for r in rows}
-    assert set(by) == set(METHODS) and not any("error" in r for r in rows)
-    # LoRA rank 2 on q,k,v,o,gate,up,down of 2 layers: r·(in+out) summed
-    shapes = [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)]
-    expected = 2 * 2 * sum(o + i for o, i in shapes)
-    assert by["sparse"]["trainable"] == by["lora"]["trainable"] == expected
-    assert by["frozen"]["trainable"] == 0 and by["full"]["trainable"] > expected
-    assert by["lora"]["step_vs_lora"] == 1.0 and by["sparse"]["memory_vs_lora"] > 0
-    assert len(capsys.readouterr().out.strip().splitlines()) == len(METHODS)  # one JSON line per method
+    lora, sparse = by["lora"], by["sparse"]
+    assert sparse["trainable"] == lora["trainable"] == lora_count(2)
+    assert sparse["step_vs_lora"] == round(sparse["step_s"] / lora["step_s"], 3) and lora["step_vs_lora"] == 1.0
+    assert sparse["memory_vs_lora"] == round(sparse["peak_memory_mb"] / lora["peak_memory_mb"], 3)
+    assert sparse["step_vs_frozen"] == round(sparse["step_s"] / by["frozen"]["step_s"], 3)
+    assert by["frozen"]["trainable"] == 0 and by["full"]["trainable"] > lora_count(2)
+    assert "step_vs_lora" not in by["full"]  # no LoRA row shares its (absent) rank
+    # the worker's structured fraction is the one its random mask's plans give
+    model, _ = build(parse_args([*TINY, "--rank", "2"]), "sparse")
+    assert sparse["structured_fraction"] == structure(model)["structured_fraction"]
+
+
+def test_grad_mask_is_the_global_top_k_of_the_absolute_mean_gradient(data_dir):
+    args = parse_args([*TINY, "--rank", "2,5", "--mask", "grad", "--data-dir", str(data_dir),
+                       "--score-examples", "5"])
+    masks = grad_masks(args)
+    torch.manual_seed(0)
+    model, batches = scoring_setup(args)
+    assert sum(b["input_ids"].shape[0] for b in batches) == 5 and len(batches) == 3  # batches of --batch
+    targets = find_targets(model, "llama", "all_linear", None)
+    names = list(targets)
+    grads = {n: torch.zeros_like(targets[n].weight) for n in names}
+    model.eval()
+    for b in batches:
+        model.zero_grad()
+        (model(**b).loss * b["input_ids"].shape[0] / 5).backward()
+        for n in names:
+            grads[n] += targets[n].weight.grad
+    flat = torch.cat([grads[n].abs().reshape(-1) for n in names])
+    offsets = torch.cumsum(torch.tensor([0] + [grads[n].numel() for n in names]), 0)
+    for rank in (2, 5):
+        k = lora_count(rank)
+        top = set(torch.topk(flat, k).indices.tolist())
+        got = {int(i) + int(offsets[j]) for j, n in enumerate(names) for i in masks[rank][n]}
+        assert len(got) == k and len(got ^ top) <= 2  # equal up to ties at the k-th score
+        assert any(masks[rank][n].numel() == 0 for n in names) or rank == 5  # global top-k allows empty modules
+
+
+def test_grad_mask_rows_carry_the_plans_structure_in_bfloat16(data_dir, capsys):
+    rows = main([*TINY, "--rank", "2", "--mask", "random,grad", "--methods", "sparse", "--dtype", "bfloat16",
+                 "--data-dir", str(data_dir), "--score-examples", "4"])
+    by = {r.get("mask"): r for r in rows if r["method"] == "sparse"}
+    assert set(by) == {"random", "grad"} and not any("error" in r for r in rows)
+    assert all(r["dtype"] == "bfloat16" and r["trainable"] == lora_count(2) for r in rows)
+    args = parse_args([*TINY, "--rank", "2", "--mask", "grad", "--dtype", "bfloat16", "--data-dir", str(data_dir),
+                       "--score-examples", "4"])
+    plans = structure_of(args, grad_masks(args)[2])
+    assert by["grad"]["structured_fraction"] == plans["structured_fraction"] < by["random"]["structured_fraction"]
+    assert by["grad"]["plans"] == plans["plans"]
+
+
+def structure_of(args, indices) -> dict:
+    from speft.sparse.layer import inject
+
+    model, _ = build(args, "frozen")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    inject(model, indices)
+    return structure(model)
+
+
+def test_minilm_shape_is_the_default_runs_model_with_its_attention_targets():
+    args = parse_args(["--shape", "minilm", "--device", "cpu"])
+    assert (args.family, args.targets, args.batch, args.seq) == ("bert", "attention", 32, 64)
+    args = parse_args(["--shape", "minilm", "--device", "cpu", "--rank", "1"])
+    head = 384 * 2 + 2  # the new classifier, trained by both
+    counts = {m: sum(p.numel() for p in build(args, m)[1]) for m in ("sparse", "lora", "frozen")}
+    assert counts == {"sparse": 6 * 4 * (384 + 384) + head, "lora": 6 * 4 * (384 + 384) + head, "frozen": 0}
+
+
+@pytest.mark.parametrize("bad", [["--mask", "magnitude"], ["--methods", "sparse,qlora"], ["--rank", "4,x"],
+                                 ["--rank", "0"], ["--device", "cuda"] if not torch.cuda.is_available() else
+                                 ["--repeats", "0"]])
+def test_bad_arguments_fail_early(bad, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(bad)
+    assert "error" in capsys.readouterr().err
+
+
+def test_masks_file_caches_grad_masks_for_the_same_key_only(data_dir, tmp_path, monkeypatch):
+    import speft.bench as bench
+
+    calls = []
+    real = bench.grad_masks
+    monkeypatch.setattr(bench, "grad_masks", lambda args: calls.append(args.rank) or real(args))
+    base = [*TINY, "--mask", "grad", "--data-dir", str(data_dir), "--score-examples", "4",
+            "--masks-file", str(tmp_path / "masks.pt")]
+    first = bench.cached_grad_masks(parse_args([*base, "--rank", "2,3"]))
+    again = bench.cached_grad_masks(parse_args([*base, "--rank", "3"]))  # a subset of the stored ranks
+    assert calls == [[2, 3]] and all(torch.equal(again[3][n], first[3][n]) for n in first[3])
+    bench.cached_grad_masks(parse_args([*base, "--rank", "3", "--seq", "6"]))  # other text: rescored
+    bench.cached_grad_masks(parse_args([*base, "--rank", "4"]))  # a rank not stored: rescored
+    assert calls == [[2, 3], [3], [4]]

@@ -3,67 +3,198 @@
 The base weight is kept merged (it holds W0 + α·Δ in its own dtype) so the forward pass is one
 plain ``F.linear``. The trainable ``values`` are fp32 master copies, and ``base_values`` keeps W0 at
 the selected entries, so the merged entries are rewritten from fp32 after every update (small
-updates are not rounded away in bf16) and unmerging restores W0 bit-exactly. In backward, the
-gradient of the values is gathered from one transient per-layer dense product; the base weight never
-gets a ``.grad``.
+updates are not rounded away in bf16) and unmerging restores W0 bit-exactly.
+
+In backward, the values' gradient is computed only where the mask lives: a :class:`GradPlan`, built
+once per index set (and again whenever a dynamic mask changes the indices), covers the selected
+entries with dense blocks (rows R × columns C of the whole layer, or per band of 64 rows or 64
+columns), and each block costs one small product Gᵀ[R]·X[:, C] over the tokens. Per layer the
+cheapest of these structures and the plain dense product is chosen; a layer with no selected entry
+pays nothing for a weight gradient. The base weight never gets a ``.grad``, unless it asks for one
+(salience scoring during training), when the dense gradient is formed and the values read from it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+BAND = 64  # rows (or columns) per band of the banded structures; measured on SmolLM2-135M gradient masks
+GATHER_COST = 16  # one gathered row/column of G or X costs about this many block entries (memory-bound copy)
+BLOCK_COST = 512  # fixed cost of one block product (call overhead, ~10 µs), in block entries
+
+
+@dataclass
+class _Block:
+    rows: slice | torch.Tensor  # output features of the block: a range, or gathered indices
+    cols: slice | torch.Tensor  # input features of the block
+    pos: torch.Tensor  # positions of the block's entries in the flattened (rows × cols) product (int32 if it fits)
+    n_rows: int
+    n_cols: int
+
+
+@dataclass
+class GradPlan:
+    """How the values' gradient is formed for one index set of an (out, in) weight."""
+
+    kind: str  # "empty", "dense", "rows_cols", "row_bands" or "col_bands"
+    idx: torch.Tensor  # int64 flat indices, in ``values`` order
+    blocks: list[_Block]
+    gather: torch.Tensor | None  # per value, its place among the blocks' concatenated entries (None: in order)
+    computed: int  # entries of the products per token (out·in for dense)
+    dense: int  # out·in
+
+    @property
+    def fraction(self) -> float:
+        """Share of the dense weight gradient's entries the plan computes."""
+        return self.computed / self.dense if self.dense else 0.0
+
+    def values_grad(self, g2: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """The gradient at the selected entries (in ``values`` order) from G (tokens, out), X (tokens, in)."""
+        if not self.blocks:
+            return g2.new_zeros(0)
+        parts = []
+        for b in self.blocks:
+            g = g2[:, b.rows] if isinstance(b.rows, slice) else g2.index_select(1, b.rows)
+            x = x2[:, b.cols] if isinstance(b.cols, slice) else x2.index_select(1, b.cols)
+            parts.append(g.t().mm(x).view(-1).index_select(0, b.pos))
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if self.gather is not None:
+            out = out.index_select(0, self.gather)
+        return out
+
+
+def _selector(touched: torch.Tensor, other: int) -> tuple[slice | torch.Tensor, int, int]:
+    """A range over the touched (sorted, unique) features or their gathered indices, whichever costs
+    less with ``other`` features on the other side; returns (selector, count, start)."""
+    lo, hi = int(touched[0]), int(touched[-1]) + 1
+    n = touched.numel()
+    if (hi - lo - n) * other <= GATHER_COST * n:
+        return slice(lo, hi), hi - lo, lo
+    return touched, n, -1
+
+
+def _block(rows: torch.Tensor, cols: torch.Tensor) -> tuple[_Block, int]:
+    """One block covering the entries at (rows, cols); returns it and its cost."""
+    ur, r_inv = torch.unique(rows, return_inverse=True)
+    uc, c_inv = torch.unique(cols, return_inverse=True)
+    rsel, nr, r0 = _selector(ur, uc.numel())
+    csel, nc, c0 = _selector(uc, nr)
+    ri = rows - r0 if r0 >= 0 else r_inv
+    ci = cols - c0 if c0 >= 0 else c_inv
+    cost = nr * nc + GATHER_COST * ((0 if r0 >= 0 else nr) + (0 if c0 >= 0 else nc)) + BLOCK_COST
+    return _Block(rsel, csel, _compact(ri * nc + ci, nr * nc), nr, nc), cost
+
+
+def _compact(index: torch.Tensor, bound: int) -> torch.Tensor:
+    """int32 when every value fits (index_select takes either; half the memory of int64)."""
+    return index.to(torch.int32) if bound <= torch.iinfo(torch.int32).max else index
+
+
+def _banded(rows: torch.Tensor, cols: torch.Tensor, by_rows: bool) -> tuple[list[_Block], torch.Tensor, int]:
+    band = torch.div(rows if by_rows else cols, BAND, rounding_mode="floor")
+    order = torch.sort(band, stable=True).indices
+    counts = torch.bincount(band[order]).tolist()
+    blocks, cost, start = [], 0, 0
+    for c in counts:
+        if c:
+            sl = order[start:start + c]
+            b, bc = _block(rows[sl], cols[sl])
+            blocks.append(b)
+            cost += bc
+        start += c
+    return blocks, order, cost
+
+
+def candidate_plans(indices: torch.Tensor, shape: tuple[int, int]) -> list[tuple[GradPlan, int]]:
+    """Every structure for these flat indices with its estimated cost: dense, rows × columns, row
+    bands and column bands (or only "empty" when there is no index)."""
+    out_f, in_f = shape
+    dense_n = out_f * in_f
+    idx = indices.reshape(-1).to(torch.int64)
+    if idx.numel() == 0:
+        return [(GradPlan("empty", idx, [], None, 0, dense_n), 0)]
+    dense = GradPlan("dense", idx, [_Block(slice(None), slice(None), idx, out_f, in_f)], None, dense_n, dense_n)
+    rows, cols = torch.div(idx, in_f, rounding_mode="floor"), idx % in_f
+    blk, cost = _block(rows, cols)
+    plans = [(dense, dense_n + BLOCK_COST), (GradPlan("rows_cols", idx, [blk], None, blk.n_rows * blk.n_cols,
+                                                      dense_n), cost)]
+    arange = torch.arange(idx.numel(), device=idx.device)
+    for by_rows in (True, False):
+        blocks, order, cost = _banded(rows, cols, by_rows)
+        gather = None if torch.equal(order, arange) else _compact(torch.argsort(order), idx.numel())
+        plans.append((GradPlan("row_bands" if by_rows else "col_bands", idx, blocks, gather,
+                               sum(b.n_rows * b.n_cols for b in blocks), dense_n), cost))
+    return plans
+
+
+def build_plan(indices: torch.Tensor, shape: tuple[int, int]) -> GradPlan:
+    """The cheapest of dense, rows × columns, row bands and column bands for these flat indices."""
+    return min(candidate_plans(indices, shape), key=lambda pc: pc[1])[0]  # ties: the first (dense)
+
 
 class _SparseDeltaLinear(torch.autograd.Function):
-    """F.linear over the merged weight. Backward gathers the values' gradient from the transient dense
-    weight gradient; the dense gradient itself is returned only when the weight asks for it (salience
-    scoring during training: reselect and regrow masks)."""
+    """F.linear over the merged weight. Backward forms the values' gradient from the plan's blocks;
+    the dense weight gradient is formed (and the values read from it) only when the weight asks for
+    it (salience scoring during training: reselect and regrow masks)."""
 
     @staticmethod
-    def forward(ctx, x, values, weight, bias, indices, scaling):
-        ctx.save_for_backward(x, weight, indices)
-        ctx.scaling = scaling
+    def forward(ctx, x, values, weight, bias, plan, scaling):
+        keep_x = weight.requires_grad or (values.requires_grad and plan.blocks)
+        ctx.save_for_backward(x if keep_x else None, weight)
+        ctx.plan, ctx.scaling = plan, scaling
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, indices = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
+        plan = ctx.plan
         grad_x = grad_values = grad_weight = grad_bias = None
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
         if ctx.needs_input_grad[0]:
             grad_x = grad_out @ weight
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            g2 = grad_out.reshape(-1, grad_out.shape[-1])
-            dense = g2.t().mm(x.reshape(-1, x.shape[-1]))  # transient (out, in)
+        if ctx.needs_input_grad[2]:
+            grad_weight = g2.t().mm(x.reshape(-1, x.shape[-1]))
             if ctx.needs_input_grad[1]:
-                grad_values = dense.view(-1).index_select(0, indices).float()
-                if ctx.scaling != 1.0:
-                    grad_values.mul_(ctx.scaling)
-            if ctx.needs_input_grad[2]:
-                grad_weight = dense
+                grad_values = grad_weight.view(-1).index_select(0, plan.idx).float()
+        elif ctx.needs_input_grad[1]:
+            if plan.blocks:
+                grad_values = plan.values_grad(g2, x.reshape(-1, x.shape[-1])).float()
+            else:
+                grad_values = torch.zeros(0, dtype=torch.float32, device=grad_out.device)
+        if grad_values is not None and ctx.scaling != 1.0:
+            grad_values.mul_(ctx.scaling)
         if ctx.needs_input_grad[3]:
-            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+            grad_bias = g2.sum(0)
         return grad_x, grad_values, grad_weight, grad_bias, None, None
 
 
 class _SparseDelta(torch.autograd.Function):
-    """y = x @ (α·scatter(values))ᵀ for the dropout path, where the delta cannot stay merged."""
+    """y = x @ (α·scatter(values))ᵀ for the dropout path, where the delta cannot stay merged. The
+    values' gradient comes from the plan's blocks, as in :class:`_SparseDeltaLinear`."""
 
     @staticmethod
-    def forward(ctx, x, values, indices, shape, scaling):
-        ctx.save_for_backward(x, values, indices)
-        ctx.shape, ctx.scaling = shape, scaling
-        return F.linear(x, _dense(values, indices, shape, scaling, x.dtype))
+    def forward(ctx, x, values, plan, shape, scaling):
+        ctx.save_for_backward(x if plan.blocks else None, values)
+        ctx.plan, ctx.shape, ctx.scaling = plan, shape, scaling
+        return F.linear(x, _dense(values, plan.idx, shape, scaling, x.dtype))
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, values, indices = ctx.saved_tensors
+        x, values = ctx.saved_tensors
+        plan = ctx.plan
         grad_x = grad_values = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ _dense(values, indices, ctx.shape, ctx.scaling, grad_out.dtype)
+            grad_x = grad_out @ _dense(values, plan.idx, ctx.shape, ctx.scaling, grad_out.dtype)
         if ctx.needs_input_grad[1]:
-            dense = grad_out.reshape(-1, grad_out.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
-            grad_values = dense.view(-1).index_select(0, indices).float().mul_(ctx.scaling)
+            if plan.blocks:
+                g2 = grad_out.reshape(-1, grad_out.shape[-1])
+                grad_values = plan.values_grad(g2, x.reshape(-1, x.shape[-1])).float().mul_(ctx.scaling)
+            else:
+                grad_values = torch.zeros(0, dtype=torch.float32, device=grad_out.device)
         return grad_x, grad_values, None, None, None
 
 
@@ -98,6 +229,8 @@ class SparseDeltaLinear(nn.Module):
         self.values = nn.Parameter(torch.zeros(idx.numel(), dtype=torch.float32, device=weight.device))
         self._synced = None  # values._version last written into the weight; None: weight holds W0
         self._origin = None  # (indices, pretrained values) of all entries ever selected, after a reselect
+        self._plan_key = None  # (storage, version) of ``indices`` the cached plan was built for
+        self._plan_cache = None
 
     @property
     def in_features(self) -> int:
@@ -115,20 +248,31 @@ class SparseDeltaLinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
 
+    @property
+    def plan(self) -> GradPlan:
+        """The backward plan (and int64 indices) of the current ``indices``; rebuilt whenever they change
+        (a reselect assigns new ones, a regrow or a state-dict load writes them in place)."""
+        key = (self.indices.data_ptr(), self.indices._version, self.indices.device)
+        if self._plan_key != key:
+            with torch.no_grad():
+                self._plan_cache = build_plan(self.indices, tuple(self.base.weight.shape))
+            self._plan_key = key
+        return self._plan_cache
+
     @torch.no_grad()
     def sync(self) -> None:
         """Write W0 + α·values into the merged weight entries (after the values changed)."""
         if self._synced == self.values._version:
             return
         merged = self.base_values.float() + self.scaling * self.values
-        self.base.weight.view(-1).index_copy_(0, self.indices.long(), merged.to(self.base.weight.dtype))
+        self.base.weight.view(-1).index_copy_(0, self.plan.idx, merged.to(self.base.weight.dtype))
         self._synced = self.values._version
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Restore the pretrained weight exactly (also after reselections merged earlier deltas)."""
         w = self.base.weight.view(-1)
-        w.index_copy_(0, self.indices.long(), self.base_values)
+        w.index_copy_(0, self.plan.idx, self.base_values)
         if self._origin is not None:
             w.index_copy_(0, self._origin[0], self._origin[1])
         self._synced = None
@@ -151,7 +295,7 @@ class SparseDeltaLinear(nn.Module):
         self.indices = idx.to(self.indices.dtype)
         self.base_values = w[idx].clone()
         self.values = nn.Parameter(torch.zeros(idx.numel(), dtype=torch.float32, device=w.device))
-        self._synced = None
+        self._synced = self._plan_key = None  # the plan is rebuilt for the new indices
         return self.values
 
     @torch.no_grad()
@@ -167,7 +311,7 @@ class SparseDeltaLinear(nn.Module):
         self.indices[slots] = new.to(self.indices.dtype)
         self.base_values[slots] = w[new]
         self.values[slots] = 0.0
-        self._synced = None
+        self._synced = self._plan_key = None  # the plan is rebuilt for the new indices
 
     @torch.no_grad()
     def export(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,12 +335,12 @@ class SparseDeltaLinear(nn.Module):
         if self.training and isinstance(self.dropout, nn.Dropout):
             if self._synced is not None:
                 self.unmerge()
-            delta = _SparseDelta.apply(self.dropout(x), self.values, self.indices.long(),
+            delta = _SparseDelta.apply(self.dropout(x), self.values, self.plan,
                                        tuple(self.base.weight.shape), self.scaling)
             return self.base(x) + delta
         self.sync()
         w = self.base.weight
-        return _SparseDeltaLinear.apply(x, self.values, w, self.base.bias, self.indices.long(), self.scaling)
+        return _SparseDeltaLinear.apply(x, self.values, w, self.base.bias, self.plan, self.scaling)
 
 
 def inject(model: nn.Module, indices: dict[str, torch.Tensor], scaling: float = 1.0,
