@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -75,6 +76,14 @@ def test_a_single_run_is_pre_flighted_once(tmp_path, monkeypatch):
                                       "method.save_adapter=false", f"hydra.run.dir={tmp_path}/run",
                                       "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"])
     GlobalHydra.instance().clear()  # other tests compose configs in this process
-    cli.main()
+    loggers = [lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    was_disabled, root_level = {lg: lg.disabled for lg in loggers}, logging.root.level
+    try:
+        cli.main()
+    finally:  # hydra/job_logging=disabled raises the root level and disables every existing logger
+        logging.root.setLevel(root_level)
+        for lg in logging.root.manager.loggerDict.values():
+            if isinstance(lg, logging.Logger):
+                lg.disabled = was_disabled.get(lg, False)
     assert len(calls) == 1  # by the callback; the run reuses its plan
     assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "completed"
