@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from speft.config import Budget
-from speft.masks.selection import SELECTIONS
+from speft.masks.selection import SELECTIONS, select
 from speft.results import RESULTS_FILE
 from speft.salience.cache import read
 from speft.tasks.base import spearman  # the one Spearman (scipy; NaN for a constant input)
@@ -64,8 +64,7 @@ def parse_density(raw: str):
 
 def selection_masks(scores: Scores, k: int, selection: str, budget: Budget | None = None) -> dict[str, torch.Tensor]:
     """Boolean mask (flat) of the selected entries, per module (local counts by the budget's form, as training)."""
-    kind = budget.kind if budget is not None else "fraction"
-    indices = SELECTIONS[selection](scores, k, kind, int(budget.value) if kind == "lora" else 0)
+    indices = select(selection, scores, k, budget)
     masks = {}
     for name, s in scores.items():
         m = torch.zeros(s.numel(), dtype=torch.bool)

@@ -16,7 +16,7 @@ from omegaconf import MISSING
 from torch import nn
 
 from speft.config import check_choice
-from speft.masks.selection import SELECTIONS
+from speft.masks.selection import SELECTIONS, select
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,7 @@ class MaskSchedule:
         self.budget = None  # the run's Budget (its form sets local per-module counts); None: a fraction
 
     def select(self, scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-        kind = self.budget.kind if self.budget is not None else "fraction"
-        rank = int(self.budget.value) if kind == "lora" else 0
-        return SELECTIONS[self.cfg.selection](scores, k, kind, rank)
+        return select(self.cfg.selection, scores, k, self.budget)
 
     def bind(self, runtime: MaskRuntime) -> None:
         self.runtime = runtime

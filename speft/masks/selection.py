@@ -134,3 +134,11 @@ def _select_global(scores: dict[str, torch.Tensor], k: int, kind: str = "fractio
 
 
 SELECTIONS = {"global": _select_global, "local": select_local}
+
+
+def select(selection: str, scores: dict[str, torch.Tensor], k: int, budget=None) -> dict[str, torch.Tensor]:
+    """Indices of ``k`` entries by ``selection`` (global | local); ``budget`` (a ``speft.config.Budget``, None:
+    a fraction) sets a local selection's per-module counts by its form."""
+    kind = budget.kind if budget is not None else "fraction"
+    return SELECTIONS[selection](scores, k, kind, int(budget.value) if kind == "lora" else 0)
+
