@@ -24,6 +24,8 @@ def test_multirun_with_the_parallel_launcher_writes_one_result_per_job(tmp_path)
     entries = sorted(json.loads(p.read_text())["budget"]["entries"] for p in results)
     assert all(json.loads(p.read_text())["status"] == "completed" for p in results)
     assert entries == [4 * 768 * 24, 8 * 768 * 24]
+    # hydra.job.name: the log is run.log (the entry point's name), not cli.log after the module with the main
+    assert all((p.parent / "run.log").is_file() and not (p.parent / "cli.log").exists() for p in results)
 
 
 def test_a_job_refused_by_preflight_records_a_failed_result_and_the_sweep_goes_on(tmp_path):
