@@ -5,7 +5,8 @@ bad single run leaves nothing behind; the run then reuses that pre-flight (once 
 config is validated before any job starts; each job runs its own pre-flight, and a job refused there
 records a failed results.json (see :func:`speft.pipeline.run`). Hydra turns exceptions raised by
 callbacks into warnings, so a refused config ends the process with ``SystemExit`` (exit status 1, the
-message on stderr, no traceback).
+message on stderr, no traceback). A run stopped by SIGTERM/SIGUSR1/SIGUSR2 writes a checkpoint and
+exits with status 128 + the signal's number; the same command resumes it (speft.train.checkpoint).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import speft.components  # noqa: F401  registers every component and its config 
 from speft.config import validate
 from speft.pipeline import Plan, RunResult, preflight, run
 from speft.registry import ConfigError
+from speft.train.checkpoint import Interrupted
 
 _checked: list[Plan] = []  # the callback's pre-flight of a single run, taken by main()
 
@@ -57,8 +59,11 @@ def main(cfg: DictConfig) -> float | None:
     """Run one job; return the task's main metric (the objective for Hydra sweepers)."""
     hc = HydraConfig.get()
     sweep_dir = hc.sweep.dir if hc.mode == RunMode.MULTIRUN else None
-    result = run(cfg, run_dir=Path(hc.runtime.output_dir), run_name=hc.job.override_dirname or hc.job.name,
-                 sweep_dir=sweep_dir, plan=checked_plan(cfg))
+    try:
+        result = run(cfg, run_dir=Path(hc.runtime.output_dir), run_name=hc.job.override_dirname or hc.job.name,
+                     sweep_dir=sweep_dir, plan=checked_plan(cfg))
+    except Interrupted as e:  # checkpoint written, results.json says "interrupted": the usual 128 + signal
+        raise SystemExit(128 + e.signum) from None
     return objective(result)
 
 

@@ -80,6 +80,9 @@ class TrainerConfig:
     device: str = "auto"  # auto = cuda when available, else cpu
     num_threads: Optional[int] = None  # torch CPU threads; null = torch's default (all cores)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30 % more time
+    checkpoint_every_steps: Optional[int] = None  # checkpoint period in optimizer steps; null: by time only
+    checkpoint_every_minutes: Optional[float] = 30.0  # and/or by wall clock: a preempted long run loses <= 30 min
+    keep_checkpoints: int = 2  # latest checkpoints kept: a damaged latest one still leaves the previous
 
     def __post_init__(self) -> None:
         check_positive(self, "trainer", "epochs", "batch_size", "grad_accum_steps")
@@ -87,6 +90,7 @@ class TrainerConfig:
         check_positive(self, "trainer", "lr", "head_lr", "log_every_steps")
         check_positive(self, "trainer", "eval_every_steps", "max_grad_norm", "num_threads")
         check_positive(self, "trainer", "weight_decay", allow_zero=True)
+        check_positive(self, "trainer", "checkpoint_every_steps", "checkpoint_every_minutes", "keep_checkpoints")
         check(0 <= self.warmup_ratio < 1, f"trainer.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
         check_choice("trainer.scheduler", self.scheduler, SCHEDULERS)
         check_choice("trainer.device", self.device, ("auto", "cpu", "cuda", "mps"))
@@ -124,6 +128,9 @@ class RunConfig:
     # A run whose folder already holds a completed results.json of the same config returns that
     # result instead of training again (re-launching a sweep finishes only what is missing).
     skip_completed: bool = False
+    # A run folder holding checkpoints of this config: auto resumes from the latest (a different config
+    # is refused, naming the keys); never refuses the folder. Checkpoints are removed when a run completes.
+    resume: str = "auto"
 
 
 cs = ConfigStore.instance()
@@ -189,6 +196,7 @@ class Budget:
 # Validation
 
 COMPONENT_GROUPS = ("task", "method", "metric", "mask", "logger")
+RESUME_MODES = ("auto", "never")
 
 
 @dataclass
@@ -207,6 +215,7 @@ class Spec:
     seed: int
     skip_completed: bool
     raw: DictConfig  # the composed config, for logging
+    resume: str = "auto"
 
     def resolved(self) -> dict:
         """The composed config with every interpolation resolved (Hydra's own node left out)."""
@@ -220,7 +229,7 @@ def validate(cfg: DictConfig) -> Spec:
     for f in fields(RunConfig):
         node = cfg.get(f.name) if f.name in cfg else None
         if node is None or (isinstance(node, DictConfig) and node._is_missing()):
-            if f.name in ("density", "seed", "skip_completed"):
+            if f.name in ("density", "seed", "skip_completed", "resume"):
                 continue
             raise ConfigError(f"Config group '{f.name}' is not set. Available: {', '.join(option_names(f.name))}")
         if f.name in COMPONENT_GROUPS:
@@ -240,9 +249,11 @@ def validate(cfg: DictConfig) -> Spec:
     check(isinstance(cfg.get("seed"), int), f"seed={cfg.get('seed')!r} must be an integer")
     skip = cfg.get("skip_completed", False)
     check(isinstance(skip, bool), f"skip_completed={skip!r} must be true or false")
+    resume = cfg.get("resume", "auto")
+    check_choice("resume", resume, RESUME_MODES)
     budget = Budget.parse(cfg.get("density"))
-    return Spec(budget=budget, seed=int(cfg.seed), skip_completed=skip, raw=cfg,
-                **{k: v for k, v in parts.items() if k not in ("density", "seed", "skip_completed")})
+    return Spec(budget=budget, seed=int(cfg.seed), skip_completed=skip, raw=cfg, resume=resume,
+                **{k: v for k, v in parts.items() if k not in ("density", "seed", "skip_completed", "resume")})
 
 
 def option_names(group: str) -> list[str]:

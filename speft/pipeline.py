@@ -26,7 +26,9 @@ from speft.registry import ConfigError
 from speft.results import RunRecord, completed_result, read_result, timed
 from speft.salience.scorer import Scorer
 from speft.sparse.layer import sparse_layers
-from speft.train.loop import predict, train
+from speft.train import checkpoint
+from speft.train.checkpoint import Interrupted, StopRequest
+from speft.train.loop import Checkpointing, predict, train
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ class Plan:
     budget: int | None  # trainable entries of the target modules; None for methods without salience
     config: dict  # the resolved config, as results.json records it
     previous: dict | None = None
+    resume: dict | None = None  # the latest checkpoint's record and content (``state``) to continue from
 
 
 def check_combination(spec: Spec, task) -> None:
@@ -73,7 +76,11 @@ def preflight(cfg: DictConfig, run_dir: Path) -> Plan:
     check_combination(spec, task)
     shapes, k = plan_budget(spec, task)
     config = spec.resolved()
-    return Plan(spec, task, shapes, k, config, reusable_result(Path(run_dir), config, spec.skip_completed))
+    previous = reusable_result(Path(run_dir), config, spec.skip_completed)
+    resume = None if previous is not None else checkpoint.resumable(Path(run_dir), config, spec.resume)
+    if resume is not None:
+        resume["state"] = checkpoint.load(resume["path"])
+    return Plan(spec, task, shapes, k, config, previous, resume)
 
 
 def train_dataloader(rows: list[dict], tcfg, collate, seed: int) -> DataLoader:
@@ -119,15 +126,31 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", sweep_dir: str | 
     record = RunRecord(run_dir, plan.config, spec.seed)
     record.update(main_metric=f"{task.validation_split}/{task.main_metric}",
                   salience=registry.get("method", spec.method.name).obj.uses_salience)
+    resumed = [*plan.resume.get("resumed_from_steps", []), plan.resume["step"]] if plan.resume else []
+    record.update(resumed=len(resumed), resumed_from_steps=resumed)
+    if plan.resume:
+        log.info("resuming from %s (step %d; resume number %d)", plan.resume["path"], plan.resume["step"], len(resumed))
     timings: dict[str, float] = {}
+    stop = StopRequest()
     try:
-        logger.start(plan.config, run_dir, run_name, sweep_dir)
-        metrics, model = _execute(plan, Path(run_dir), logger, record, timings)
+        logger.start(plan.config, run_dir, run_name, sweep_dir,
+                     resume_id=plan.resume.get("logger_run_id") if plan.resume else None)
+        metrics, model = _execute(plan, Path(run_dir), logger, record, timings, stop)
         timings["total_s"] = time.perf_counter() - t_start
         record.update(timings={k: round(v, 3) for k, v in timings.items()})
         data = record.finish("completed")
+        checkpoint.remove_all(Path(run_dir))  # the result is final: checkpoints are no longer needed
         logger.finish(data)
         return RunResult(metrics=metrics, results=data, model=model)
+    except Interrupted as e:  # a checkpoint is written: rerunning the same command resumes
+        timings["total_s"] = time.perf_counter() - t_start
+        record.update(timings={k: round(v, 3) for k, v in timings.items()},
+                      interrupted={"signal": signal_name(e.signum), "step": e.step, "checkpoint": str(e.path)})
+        data = record.finish("interrupted")
+        logger.finish(data)
+        log.warning("%s; run the same command into %s to resume", e, run_dir)
+        stop.chain()  # under submitit: its handler requeues the job (and exits)
+        raise
     except BaseException as e:  # record the failure, then let it propagate
         timings["total_s"] = time.perf_counter() - t_start
         record.update(timings={k: round(v, 3) for k, v in timings.items()})
@@ -137,6 +160,12 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", sweep_dir: str | 
         except Exception:  # noqa: BLE001 - the original error matters more
             log.exception("logger failed while finishing")
         raise
+
+
+def signal_name(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name
 
 
 def record_refusal(cfg: DictConfig, run_dir: Path, error: BaseException) -> None:
@@ -192,6 +221,10 @@ class RunState:
     record: RunRecord
     timings: dict[str, float]
     device: torch.device
+    config: dict = field(default_factory=dict)  # the resolved config (checkpoints record it)
+    resume: dict | None = None  # the checkpoint to continue from (Plan.resume)
+    stop: StopRequest | None = None
+    logger: Any = None
     splits: dict[str, list[dict]] = field(default_factory=dict)  # raw rows per split
     encoded: dict[str, list[dict]] = field(default_factory=dict)  # tokenised rows (train; eval if not generative)
     tokenizer: Any = None
@@ -200,7 +233,8 @@ class RunState:
     targets: dict[str, torch.nn.Linear] = field(default_factory=dict)
 
 
-def _execute(plan: Plan, run_dir: Path, logger, record: RunRecord, timings: dict[str, float]):
+def _execute(plan: Plan, run_dir: Path, logger, record: RunRecord, timings: dict[str, float],
+             stop: StopRequest | None = None):
     """The run's steps, in order; returns the final metrics and the trained model."""
     from transformers import set_seed
 
@@ -211,7 +245,8 @@ def _execute(plan: Plan, run_dir: Path, logger, record: RunRecord, timings: dict
     if spec.trainer.num_threads:
         torch.set_num_threads(spec.trainer.num_threads)
     set_seed(spec.seed)
-    state = RunState(spec, plan.task, run_dir, record, timings, device_for(spec.trainer.device))
+    state = RunState(spec, plan.task, run_dir, record, timings, device_for(spec.trainer.device), config=plan.config,
+                     resume=plan.resume, stop=stop, logger=logger)
     load_data_and_model(state)
     scorer = build_scorer(state, metric) if method.uses_salience else None
     prepared = make_trainable(state, method, mask, scorer, k, plan.shapes)
@@ -316,9 +351,11 @@ def train_and_validate(state: RunState, prepared: Prepared, mask, scorer: Scorer
 
     t0 = time.perf_counter()
     loader = train_dataloader(state.encoded["train"], spec.trainer, state.collate, spec.seed)
-    train_state = train(model, prepared.param_groups, loader, spec.trainer, state.device, on_log=logger.log,
-                        validate=validate_fn, on_start=bind_mask if dynamic else None,
-                        on_step=mask.on_step_end if dynamic else None)
+    with state.stop or StopRequest():
+        train_state = train(model, prepared.param_groups, loader, spec.trainer, state.device, on_log=logger.log,
+                            validate=validate_fn, on_start=bind_mask if dynamic else None,
+                            on_step=mask.on_step_end if dynamic else None,
+                            checkpointing=checkpointing(state, mask, scorer))
     state.timings["training_s"] = time.perf_counter() - t0 - state.timings.get("evaluation_s", 0.0)
     if dynamic:
         state.record.update(mask_final={n: {"selected": m.values.numel(), "total": m.weight.numel()}
@@ -326,6 +363,30 @@ def train_and_validate(state: RunState, prepared: Prepared, mask, scorer: Scorer
     state.record.update(history=train_state.history, mask_updates=train_state.mask_updates,
                         train_steps=train_state.step)
     return train_state
+
+
+def checkpointing(state: RunState, mask, scorer: Scorer | None) -> Checkpointing:
+    """Checkpoints of this run: the loop's state plus the model's trainable state (sparse layers' entries,
+    adapters, a head, or every weight for ``full``), the mask schedule's and the scorer's."""
+    spec, model = state.spec, state.model
+    resumed = state.record.data.get("resumed_from_steps", [])
+
+    def save(loop_state: dict, optimizer) -> Path:
+        content = {"loop": loop_state, "model": checkpoint.trainable_state(model, optimizer),
+                   "mask": mask.state_dict(), "scorer": scorer.state_dict() if scorer is not None else None}
+        return checkpoint.save(state.run_dir, loop_state["train_state"]["step"], content, state.config,
+                               spec.trainer.keep_checkpoints,
+                               meta={"logger_run_id": state.logger.run_id, "resumed_from_steps": resumed})
+
+    def restore(content: dict, optimizer) -> None:
+        checkpoint.load_trainable_state(model, content["model"], optimizer)
+        mask.load_state_dict(content["mask"])
+        if scorer is not None and content["scorer"] is not None:
+            scorer.load_state_dict(content["scorer"])
+
+    return Checkpointing(save=save, every_steps=spec.trainer.checkpoint_every_steps,
+                         every_minutes=spec.trainer.checkpoint_every_minutes,
+                         resume=state.resume["state"] if state.resume else None, restore=restore, stop=state.stop)
 
 
 def final_metrics(state: RunState, train_state, evaluate, logger) -> dict[str, float]:

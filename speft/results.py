@@ -1,11 +1,13 @@
 """``results.json``: one file per run, written atomically, holding everything needed to trust it.
 
-Keys: ``status`` ("completed" | "failed"), ``error``, ``config`` (resolved), ``metrics``,
+Keys: ``status`` ("completed" | "failed" | "interrupted": a stop signal, checkpoint written), ``error``,
+``config`` (resolved), ``metrics``,
 ``history`` (validation and training curves), ``trainable_params``, ``trainable`` (by part),
 ``total_params``, ``density``, ``budget``, ``mask`` (per module: selected and total entries),
 ``timings`` (seconds), ``peak_memory_mb``, ``versions``, ``git_sha``, ``git_dirty``, ``seed``,
 ``started_at``, ``finished_at``; ``main_metric`` (the task's main validation key) and ``salience``
-(whether the method uses a salience mask) from the start of the run, so a failed run has them too.
+(whether the method uses a salience mask) from the start of the run, so a failed run has them too;
+``resumed`` and ``resumed_from_steps`` (checkpoint resumes), ``interrupted`` (signal, step, checkpoint).
 """
 
 from __future__ import annotations
@@ -127,7 +129,7 @@ def now() -> str:
 
 
 class RunRecord:
-    """Collects a run's results; writes ``results.json`` once, completed or failed."""
+    """Collects a run's results; writes ``results.json`` once, completed, failed or interrupted."""
 
     def __init__(self, run_dir: Path, config: dict, seed: int) -> None:
         self.path = Path(run_dir) / RESULTS_FILE

@@ -306,3 +306,17 @@ def test_the_report_imports_no_model_code():
             "print(sorted(m for m in ('torch', 'transformers', 'peft', 'speft.components') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_an_interrupted_run_counts_as_not_finished_not_as_failed(tmp_path):
+    import shutil
+
+    shutil.copytree(FIXTURE, tmp_path / "runs")
+    path = next(p for p in sorted((tmp_path / "runs").rglob("results.json"))
+                if json.loads(p.read_text())["status"] == "completed")
+    data = json.loads(path.read_text())
+    data["status"] = "interrupted"  # a stop signal: checkpoint written, the run resumes later
+    path.write_text(json.dumps(data))
+    table, base = pivot(load_records([tmp_path / "runs"])), pivot(load_records([FIXTURE]))
+    assert table.failures == base.failures
+    assert any(n.startswith("Not finished (1)") for n in table.notes)

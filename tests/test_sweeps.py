@@ -60,7 +60,7 @@ def test_slurm_launcher_config_composes_with_cluster_options():
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.partition, launcher.array_parallelism, launcher.gpus_per_node) == ("gpu", 4, 2)
-    assert launcher.timeout_min == 720 and launcher.max_num_timeout == 0
+    assert launcher.timeout_min == 720 and launcher.max_num_timeout == 3  # requeued on a time limit
 
 
 def test_skip_completed_returns_the_recorded_result_and_never_overwrites(tmp_path):

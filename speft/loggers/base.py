@@ -17,7 +17,10 @@ class RunLogger:
     def __init__(self, cfg: LoggerConfig) -> None:
         self.cfg = cfg
 
-    def start(self, config: dict, run_dir: Path, run_name: str, sweep_dir: str | None) -> None:
+    run_id: str | None = None  # the backend's run id: a checkpoint keeps it, so a resumed run logs into the same run
+
+    def start(self, config: dict, run_dir: Path, run_name: str, sweep_dir: str | None,
+              resume_id: str | None = None) -> None:
         pass
 
     def log(self, metrics: dict[str, float], step: int) -> None:

@@ -52,15 +52,21 @@ def resolve_mode(mode: str) -> str:
 class WandbLogger(RunLogger):
     run = None
 
-    def start(self, config: dict, run_dir: Path, run_name: str, sweep_dir: str | None) -> None:
+    @property
+    def run_id(self) -> str | None:
+        return self.run.id if self.run is not None else None
+
+    def start(self, config: dict, run_dir: Path, run_name: str, sweep_dir: str | None,
+              resume_id: str | None = None) -> None:
         import wandb
 
         mode = resolve_mode(self.cfg.mode)
         group = self.cfg.group or sweep_dir
+        # A resumed run (speft.train.checkpoint) continues the W&B run of its checkpoint: same id.
         self.run = wandb.init(project=self.cfg.project, entity=self.cfg.entity, mode=mode, group=group,
                               name=run_name, tags=list(self.cfg.tags), config=config, dir=str(run_dir),
-                              reinit="finish_previous")
-        log.info("W&B run %s (mode %s, group %s)", self.run.id, mode, group)
+                              reinit="finish_previous", id=resume_id, resume="allow" if resume_id else None)
+        log.info("W&B run %s (mode %s, group %s%s)", self.run.id, mode, group, ", resumed" if resume_id else "")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(metrics, step=step)

@@ -75,6 +75,16 @@ class MaskSchedule:
         """Called after every optimizer step; may change the mask. Returns a log record or None."""
         return None
 
+    def state_dict(self) -> dict:
+        """The schedule's own state for a checkpoint: the initial mask (overlaps are measured against it).
+        The current mask lives in the sparse layers and their counters in the step, both checkpointed
+        apart; the re-scoring example stream is the scorer's (``Scorer.state_dict``)."""
+        return {"initial": self.runtime.initial} if self.runtime is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.runtime is not None and "initial" in state:
+            self.runtime.initial = {n: t.to(self.runtime.layers[n].indices.device) for n, t in state["initial"].items()}
+
     def overlap_with_initial(self) -> float:
         """Fraction of the current mask's entries that were in the initial mask."""
         rt = self.runtime

@@ -9,7 +9,8 @@ Columns (``available_keys`` lists those present):
   fraction of the target entries), ``trainable_params``, ``total_params``, ``main_metric`` (the task's main
   validation key that results.json records, e.g. ``validation/accuracy``), ``validation_split``, ``train_steps``,
   ``salience`` (results.json's ``salience``: False for methods without a salience mask);
-* ``status`` (completed, failed, running), ``error`` (type: message), ``run`` (the run folder or W&B id);
+* ``status`` (completed, failed, running, interrupted: counted as not finished, like running),
+  ``error`` (type: message), ``run`` (the run folder or W&B id);
 * ``timings.<name>`` (seconds), ``peak_memory_mb.<name>``, ``scoring.path``, ``scoring.cache``;
 * objects: ``metrics`` and ``best_metrics`` (dicts), ``mask_modules`` and ``mask_final_modules``
   (results.json's ``mask`` and ``mask_final``: module -> selected and total entries).
@@ -35,7 +36,7 @@ CORE_COLUMNS = ("task.name", "method.name", "metric.name", "mask.name", "mask.se
                 "model.name", "scoring.path", "salience")
 # W&B run states -> results.json statuses
 WANDB_STATES = {"finished": "completed", "failed": "failed", "crashed": "failed", "killed": "failed",
-                "running": "running", "pending": "running", "preempted": "failed"}
+                "running": "running", "pending": "running", "preempted": "interrupted"}
 
 
 class ReportError(ValueError):

@@ -19,12 +19,35 @@ from speft.salience.base import SalienceMetric, ScoreContext
 from speft.salience.cache import compute_scores
 
 
-def example_stream(rows: list[dict], seed: int) -> Iterator[dict]:
+class ExampleStream:
+    """Endless seeded reshuffles of ``rows``; its position is a state dict (a checkpoint resumes it)."""
+
+    def __init__(self, rows: list[dict], seed: int) -> None:
+        self.rows = rows
+        self.g = torch.Generator().manual_seed(seed)
+        self.order: list[int] = []
+        self.pos = 0
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        if self.pos >= len(self.order):
+            self.order, self.pos = torch.randperm(len(self.rows), generator=self.g).tolist(), 0
+        self.pos += 1
+        return self.rows[self.order[self.pos - 1]]
+
+    def state_dict(self) -> dict:
+        return {"generator": self.g.get_state(), "order": list(self.order), "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.g.set_state(state["generator"])
+        self.order, self.pos = list(state["order"]), int(state["pos"])
+
+
+def example_stream(rows: list[dict], seed: int) -> ExampleStream:
     """Endless seeded reshuffles of ``rows``."""
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        for i in torch.randperm(len(rows), generator=g).tolist():
-            yield rows[i]
+    return ExampleStream(rows, seed)
 
 
 class Scorer:
@@ -56,6 +79,13 @@ class Scorer:
         ctx = ScoreContext(model, targets, self.batches(self.sample), len(self.sample), self.seed)
         scores, self.info = compute_scores(self.metric, ctx, self.cache_dir, self.key, self.device)
         return scores
+
+    def state_dict(self) -> dict:
+        """The position of the fresh-example stream (the first sample is seeded and rebuilt)."""
+        return {"stream": self._stream.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._stream.load_state_dict(state["stream"])
 
     def rescore(self, model: nn.Module, targets: dict[str, nn.Module], n: int | None = None) -> dict[str, torch.Tensor]:
         """Scores at the current weights on ``n`` fresh examples of the stream (None: as many as the

@@ -314,6 +314,36 @@ class SparseDeltaLinear(nn.Module):
         self._synced = self._plan_key = None  # the plan is rebuilt for the new indices
 
     @torch.no_grad()
+    def checkpoint_state(self) -> dict:
+        """Everything that differs from a freshly injected layer on the pretrained weight, for an exact
+        resume (bytes per trainable entry, never the base weight): indices, values, their base values,
+        the record of every entry ever selected (reselect) and the weight at all touched entries."""
+        idx = self.indices.long()
+        touched = idx if self._origin is None else torch.unique(torch.cat([idx, self._origin[0]]))
+        synced = "none" if self._synced is None else ("current" if self._synced == self.values._version else "stale")
+        return {"indices": self.indices.clone(), "values": self.values.detach().clone(),
+                "base_values": self.base_values.clone(), "origin": self._origin, "synced": synced,
+                # entries touched: the current ones (not stored again) or, after a reselect, all ever selected
+                "touched": None if self._origin is None else touched.to(index_dtype(self.base.weight.numel())),
+                "weight_touched": self.base.weight.view(-1)[touched].clone()}
+
+    @torch.no_grad()
+    def load_checkpoint_state(self, state: dict) -> nn.Parameter:
+        """Restore :meth:`checkpoint_state`; returns the new ``values`` parameter (swap it into the optimizer)."""
+        w = self.base.weight.view(-1)
+        dev = w.device
+        touched = state["indices"] if state["touched"] is None else state["touched"]
+        w.index_copy_(0, touched.to(dev, torch.int64), state["weight_touched"].to(dev, w.dtype))
+        self.indices = state["indices"].to(dev)
+        self.base_values = state["base_values"].to(dev)
+        origin = state["origin"]
+        self._origin = None if origin is None else (origin[0].to(dev), origin[1].to(dev))
+        self.values = nn.Parameter(state["values"].to(dev).clone(), requires_grad=self.values.requires_grad)
+        self._synced = {"none": None, "current": self.values._version, "stale": -1}[state["synced"]]
+        self._plan_key = None
+        return self.values
+
+    @torch.no_grad()
     def export(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(sorted flat indices, fp32 values) with W = W_pretrained + α·scatter(values): an adapter's content."""
         if self._origin is None:

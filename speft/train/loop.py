@@ -7,7 +7,8 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -15,6 +16,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from speft.config import TrainerConfig
+from speft.train.checkpoint import Interrupted, StopRequest, rng_state, set_rng_state, test_hook
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,32 @@ class TrainState:
     epoch: float = 0.0
     history: list[dict] = field(default_factory=list)
     mask_updates: list[dict] = field(default_factory=list)
+    # The position in the seeded data order: passes begun, micro-batches consumed in the current one,
+    # and micro-batches since the start (an optimizer step may straddle the end of a pass).
+    epoch_index: int = 0
+    batch_in_epoch: int = 0
+    micro: int = 0
+
+
+@dataclass
+class Checkpointing:
+    """When to checkpoint and how: ``save(loop_state, optimizer)`` writes the run's checkpoint (the pipeline adds
+    the model's trainable state, the mask schedule's and the scorer's) and returns its path;
+    ``resume`` is a loaded checkpoint to continue from, whose run-level parts ``restore(checkpoint,
+    optimizer)`` puts back (it may swap parameters in the optimizer's groups)."""
+
+    save: Callable[[dict, torch.optim.Optimizer], Path]
+    every_steps: int | None = None
+    every_minutes: float | None = None
+    resume: dict | None = None
+    restore: Callable[[dict, torch.optim.Optimizer], None] | None = None
+    stop: StopRequest | None = None
+    last_saved: float = field(default_factory=time.monotonic)
+
+    def due(self, step: int) -> bool:
+        if self.every_steps and step % self.every_steps == 0:
+            return True
+        return bool(self.every_minutes) and time.monotonic() - self.last_saved >= 60 * self.every_minutes
 
 
 def total_steps(cfg: TrainerConfig, batches_per_epoch: int) -> int:
@@ -50,6 +78,11 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple
     return torch.cat(logits), torch.cat(labels)
 
 
+def data_generator(loader: DataLoader) -> torch.Generator | None:
+    """The generator that fixes the loader's order (the sampler's, or the loader's own)."""
+    return getattr(loader.sampler, "generator", None) or loader.generator
+
+
 def train(
     model: nn.Module,
     param_groups: list[dict],
@@ -60,9 +93,15 @@ def train(
     validate: Callable[[int], dict] | None = None,
     on_start: Callable[[torch.optim.Optimizer, int], None] | None = None,
     on_step: Callable[[int], dict | None] | None = None,
+    checkpointing: Checkpointing | None = None,
 ) -> TrainState:
     """Train; ``on_start(optimizer, total_steps)`` runs once, ``on_step(step)`` after every optimizer
-    step (mask schedules: it may swap parameters in the optimizer's groups) and may return a record."""
+    step (mask schedules: it may swap parameters in the optimizer's groups) and may return a record.
+
+    With ``checkpointing``, a checkpoint is written at optimizer-step boundaries when due, and when a
+    stop signal arrived (then :class:`Interrupted` is raised); a ``resume`` checkpoint continues the run
+    exactly: the data order is rebuilt from the generator state at the start of the interrupted pass,
+    its consumed micro-batches are skipped (collated, not run), and the RNG states are set last."""
     from transformers import get_scheduler
 
     steps = total_steps(cfg, len(loader))
@@ -72,21 +111,57 @@ def train(
     if on_start is not None:
         on_start(optimizer, steps)
     state = TrainState()
-    if steps == 0:
+    ck = checkpointing
+    resume = ck.resume if ck is not None else None
+    running, n_running, epoch_rng = 0.0, 0, None
+    if resume is not None:
+        loop = resume["loop"]
+        if ck.restore is not None:
+            ck.restore(resume, optimizer)
+        optimizer.load_state_dict(loop["optimizer"])
+        scheduler.load_state_dict(loop["scheduler"])
+        state = TrainState(**loop["train_state"])
+        running, n_running, epoch_rng = loop["running"], loop["n_running"], loop["epoch_rng"]
+        log.info("resumed at step %d (pass %d, micro-batch %d of it)", state.step, state.epoch_index,
+                 state.batch_in_epoch)
+    if steps == 0 or state.step >= steps:
         return state
     eval_every = cfg.eval_every_steps or max(1, len(loader) // cfg.grad_accum_steps)
     model.train()
-    bar = tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True)
-    running, n_running, t0 = 0.0, 0, time.perf_counter()
-    micro = 0
+    bar = tqdm(total=steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    gen = data_generator(loader)
+    saved_at, saved_path = None, None
+
+    def save() -> Path:
+        nonlocal saved_at, saved_path
+        loop_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                      "train_state": asdict(state), "running": running, "n_running": n_running,
+                      "epoch_rng": epoch_rng, "rng": rng_state()}
+        path = ck.save(loop_state, optimizer)
+        ck.last_saved, saved_at, saved_path = time.monotonic(), state.step, path
+        return path
+
     while state.step < steps:
-        for batch in loader:
+        if resume is None and gen is not None:
+            epoch_rng = gen.get_state()  # a new pass: its order follows from this state
+        elif gen is not None:
+            gen.set_state(epoch_rng)
+        batches = iter(loader)
+        if resume is not None:
+            for _ in range(state.batch_in_epoch):
+                next(batches)
+            set_rng_state(resume["loop"]["rng"])
+            resume = None
+        for batch in batches:
             loss = model(**move(batch, device)).loss
             (loss / cfg.grad_accum_steps).backward()
             running += loss.detach()  # no device sync per step; read out when logging
             n_running += 1
-            micro += 1
-            if micro % cfg.grad_accum_steps:
+            state.micro += 1
+            state.batch_in_epoch += 1
+            test_hook(state.micro)
+            if state.micro % cfg.grad_accum_steps:
                 continue
             if cfg.max_grad_norm:
                 params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -95,7 +170,7 @@ def train(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
-            state.epoch = micro / len(loader)
+            state.epoch = state.micro / len(loader)
             if on_step is not None:
                 record = on_step(state.step)
                 if record:
@@ -113,7 +188,16 @@ def train(
                 metrics = validate(state.step)
                 state.history.append({"step": state.step, "epoch": round(state.epoch, 4), **metrics})
                 on_log(metrics, state.step)
+            if ck is not None and state.step < steps and ck.due(state.step):
+                save()
+            if ck is not None and ck.stop is not None and ck.stop.signum is not None:
+                path = save() if saved_at != state.step else saved_path
+                bar.close()
+                raise Interrupted(ck.stop.signum, state.step, path)
             if state.step >= steps:
                 break
+        else:  # the pass is over
+            state.epoch_index += 1
+            state.batch_in_epoch = 0
     bar.close()
     return state
