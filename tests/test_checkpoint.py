@@ -188,7 +188,7 @@ def test_submitit_requeues_a_preempted_job_that_resumes(tmp_path):
            f"hydra.sweep.dir={tmp_path}/sweep"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    logs = "".join(p.read_text() for p in (tmp_path / "sweep" / ".submitit").rglob("*.err"))
+    logs = "".join(p.read_text() for p in (tmp_path / "sweep" / ".submitit").rglob("*_log.*"))  # .out: the log
     assert "Requeued job" in logs and "resuming from" in logs
     assert outcome(tmp_path / "sweep" / "0") == outcome(tmp_path / "reference")
     data = json.loads((tmp_path / "sweep" / "0" / "results.json").read_text())

@@ -318,5 +318,6 @@ def test_an_interrupted_run_counts_as_not_finished_not_as_failed(tmp_path):
     data["status"] = "interrupted"  # a stop signal: checkpoint written, the run resumes later
     path.write_text(json.dumps(data))
     table, base = pivot(load_records([tmp_path / "runs"])), pivot(load_records([FIXTURE]))
-    assert table.failures == base.failures
+    assert len(table.failures) == len(base.failures)  # the same failed runs (their folders differ)
+    assert not any(str(path.parent) in f for f in table.failures)
     assert any(n.startswith("Not finished (1)") for n in table.notes)

@@ -124,7 +124,9 @@ def train(
         running, n_running, epoch_rng = loop["running"], loop["n_running"], loop["epoch_rng"]
         log.info("resumed at step %d (pass %d, micro-batch %d of it)", state.step, state.epoch_index,
                  state.batch_in_epoch)
-    if steps == 0 or state.step >= steps:
+    if steps == 0 or state.step >= steps:  # nothing (left) to train: a signal came at the last step
+        if resume is not None:
+            set_rng_state(resume["loop"]["rng"])
         return state
     eval_every = cfg.eval_every_steps or max(1, len(loader) // cfg.grad_accum_steps)
     model.train()
