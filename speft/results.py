@@ -129,8 +129,9 @@ def now() -> str:
 class RunRecord:
     """Collects a run's results; writes ``results.json`` once, completed or failed."""
 
-    def __init__(self, run_dir: Path, config: dict, seed: int) -> None:
+    def __init__(self, run_dir: Path, config: dict, seed: int, write: bool = True) -> None:
         self.path = Path(run_dir) / RESULTS_FILE
+        self.write = write  # False: a data-parallel run's rank > 0 (rank 0 writes the file)
         sha, dirty = git_state()
         self.data: dict = {
             "status": "running",
@@ -164,5 +165,6 @@ class RunRecord:
                                   "traceback": traceback.format_exception(error)}
         self.data["peak_memory_mb"] = peak_memory_mb()
         self.data["finished_at"] = now()
-        write_json_atomic(self.path, self.data)
+        if self.write:
+            write_json_atomic(self.path, self.data)
         return self.data

@@ -1,5 +1,11 @@
 """The training loop: AdamW, a transformers schedule, gradient accumulation and clipping,
-periodic validation, a progress bar, and mask-schedule hooks after every optimizer step."""
+periodic validation, a progress bar, and mask-schedule hooks after every optimizer step.
+
+Data-parallel (:mod:`speft.distributed`): each micro-batch is this rank's slice of the global one
+(it carries :data:`~speft.distributed.GLOBAL_EXAMPLES`); its loss is weighted by the slice's share of
+the micro-batch, and the trainable gradients are averaged over the ranks once per optimizer step,
+before clipping. Our own all-reduce rather than DDP's: dynamic masks replace the sparse ``values``
+parameters during training, which DDP registers once at construction."""
 
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from speft.config import TrainerConfig
+from speft.distributed import GLOBAL_EXAMPLES, SINGLE, Dist
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +67,7 @@ def train(
     validate: Callable[[int], dict] | None = None,
     on_start: Callable[[torch.optim.Optimizer, int], None] | None = None,
     on_step: Callable[[int], dict | None] | None = None,
+    dist: Dist = SINGLE,
 ) -> TrainState:
     """Train; ``on_start(optimizer, total_steps)`` runs once, ``on_step(step)`` after every optimizer
     step (mask schedules: it may swap parameters in the optimizer's groups) and may return a record."""
@@ -81,13 +89,22 @@ def train(
     micro = 0
     while state.step < steps:
         for batch in loader:
-            loss = model(**move(batch, device)).loss
-            (loss / cfg.grad_accum_steps).backward()
-            running += loss.detach()  # no device sync per step; read out when logging
+            total = batch.pop(GLOBAL_EXAMPLES, None)
+            if total is None:  # one process
+                loss = model(**move(batch, device)).loss
+                (loss / cfg.grad_accum_steps).backward()
+                running += loss.detach()  # no device sync per step; read out when logging
+            elif batch:  # this rank's slice: its loss weighted by its share of the micro-batch
+                share = len(next(iter(batch.values()))) / int(total)
+                loss = model(**move(batch, device)).loss
+                (loss * (share * dist.world / cfg.grad_accum_steps)).backward()
+                running += loss.detach() * share
             n_running += 1
             micro += 1
             if micro % cfg.grad_accum_steps:
                 continue
+            if dist.enabled:
+                dist.average_gradients([p for g in optimizer.param_groups for p in g["params"]])
             if cfg.max_grad_norm:
                 params = [p for g in optimizer.param_groups for p in g["params"]]
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -103,6 +120,10 @@ def train(
                     on_log({f"mask/{k}": v for k, v in record.items() if k not in ("step", "kind")}, state.step)
             bar.update(1)
             if state.step % cfg.log_every_steps == 0 or state.step == steps:
+                if dist.enabled:  # the mean over the ranks' slices
+                    summed = torch.tensor([float(running)], dtype=torch.float64)
+                    dist.all_reduce_([summed])
+                    running = summed.item()
                 record = {"train/loss": float(running) / n_running, "train/lr": scheduler.get_last_lr()[0],
                           "train/epoch": state.epoch,
                           "train/steps_per_s": cfg.log_every_steps / max(time.perf_counter() - t0, 1e-9)}
