@@ -134,7 +134,6 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", sweep_dir: str | 
 def _run(plan: Plan, dist: Dist, run_dir: Path, run_name: str, sweep_dir: str | None, t_start: float) -> RunResult:
     """The run after pre-flight; with several processes every rank runs it, rank 0 alone writes."""
     spec, task = plan.spec, plan.task
-    distributed.check_same_config(dist, plan.config)
     run_dir, previous = dist.broadcast_object((run_dir, plan.previous))  # Hydra's ${now} may differ per rank
     if previous is not None:
         log.info("%s holds a completed result of this config; skipped (skip_completed=true)", run_dir)
@@ -147,6 +146,7 @@ def _run(plan: Plan, dist: Dist, run_dir: Path, run_name: str, sweep_dir: str | 
                   salience=registry.get("method", spec.method.name).obj.uses_salience)
     timings: dict[str, float] = {}
     try:
+        distributed.check_same_config(dist, plan.config)  # a mismatch: a failed result, never a result
         logger.start(plan.config, run_dir, run_name, sweep_dir)
         metrics, model = _execute(plan, Path(run_dir), logger, record, timings, dist)
         timings["total_s"] = time.perf_counter() - t_start
