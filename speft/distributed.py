@@ -32,7 +32,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-GLOBAL_EXAMPLES = "_global_examples"  # key a sharded micro-batch carries: examples in the whole micro-batch
+SHARE = "_loss_share"  # key a sharded micro-batch carries: its share of the whole micro-batch's loss items
+IGNORE_INDEX = -100  # label of a token that no loss counts (prompts, padding), as transformers' losses
 
 
 class DistributedError(RuntimeError):
@@ -236,16 +237,27 @@ def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
+def loss_items(row: dict) -> int:
+    """What a model's mean loss averages over, in one example: its labelled next-token targets for a
+    causal LM (labels after the first that are not :data:`IGNORE_INDEX`), else the example itself."""
+    labels = row.get("labels", row.get("label"))
+    if labels is None or not hasattr(labels, "__len__") or (torch.is_tensor(labels) and labels.dim() == 0):
+        return 1
+    return sum(1 for x in list(labels)[1:] if int(x) != IGNORE_INDEX)
+
+
 class ShardCollate:
     """Collation of this rank's slice of each micro-batch of the global order. The batch carries
-    :data:`GLOBAL_EXAMPLES` (the micro-batch's size over all ranks) so the loop can weight its loss;
-    a slice with no example (a last micro-batch smaller than the number of ranks) holds that key only."""
+    :data:`SHARE`, the slice's fraction of the micro-batch's loss items (examples; labelled tokens for
+    a causal LM), so that the share-weighted slice losses sum to the whole micro-batch's mean loss.
+    A slice with no example (a last micro-batch smaller than the number of ranks) holds that key only."""
 
     def __init__(self, collate: Callable[[list[dict]], dict], dist: Dist) -> None:
         self.collate, self.dist = collate, dist
 
     def __call__(self, rows: list[dict]) -> dict:
         start, end = shard_bounds(len(rows), self.dist.rank, self.dist.world)
+        items = [loss_items(r) for r in rows]
         batch = self.collate(rows[start:end]) if end > start else {}
-        batch[GLOBAL_EXAMPLES] = torch.tensor(len(rows))
+        batch[SHARE] = sum(items[start:end]) / max(1, sum(items))
         return batch

@@ -139,6 +139,44 @@ def test_shards_cover_each_micro_batch_once_in_order(n, world):
     assert max(e - s for s, e in bounds) - min(e - s for s, e in bounds) <= 1
 
 
+@pytest.mark.parametrize("kind", ["classification", "causal_lm"])
+def test_share_weighted_slice_losses_sum_to_the_micro_batch_loss(kind):
+    """Slices weighted by their share of the loss items (examples; labelled next tokens for a causal LM,
+    whose mean runs over tokens) give exactly the loss one process computes on the whole micro-batch."""
+    from transformers import DataCollatorForSeq2Seq, LlamaConfig, LlamaForCausalLM
+
+    from .conftest import TinyClassifier
+
+    g = torch.Generator().manual_seed(0)
+    if kind == "classification":
+        model, col, rs = TinyClassifier(), collate, rows(5, 6)
+    else:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=2))
+
+        class Tok:  # what DataCollatorForSeq2Seq asks of a tokenizer
+            pad_token_id, padding_side, model_input_names = 0, "right", ["input_ids", "attention_mask"]
+
+            def pad(self, features, **kw):
+                n = max(len(f["input_ids"]) for f in features)
+                return {k: torch.tensor([list(f[k]) + [0] * (n - len(f[k])) for f in features])
+                        for k in ("input_ids", "attention_mask")}
+
+        col = DataCollatorForSeq2Seq(Tok(), padding=True, label_pad_token_id=-100, return_tensors="pt")
+        rs = []
+        for length, prompt in [(9, 6), (4, 1), (7, 2), (5, 4), (8, 3)]:  # different labelled-token counts
+            ids = torch.randint(1, 40, (length,), generator=g).tolist()
+            rs.append({"input_ids": ids, "attention_mask": [1] * length, "labels": [-100] * prompt + ids[prompt:]})
+    whole = model(**col(rs)).loss
+    parts = []
+    for r in range(2):
+        batch = ShardCollate(col, Dist(rank=r, world=2))(rs)
+        share = batch.pop(distributed.SHARE)
+        parts.append(share * model(**batch).loss)
+    torch.testing.assert_close(sum(parts), whole, rtol=1e-6, atol=0)
+
+
 def test_a_single_process_has_no_group_and_no_op_collectives(monkeypatch):
     for var in ("WORLD_SIZE", "RANK", "SUBMITIT_EXECUTOR"):
         monkeypatch.delenv(var, raising=False)

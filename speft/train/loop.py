@@ -2,10 +2,11 @@
 periodic validation, a progress bar, and mask-schedule hooks after every optimizer step.
 
 Data-parallel (:mod:`speft.distributed`): each micro-batch is this rank's slice of the global one
-(it carries :data:`~speft.distributed.GLOBAL_EXAMPLES`); its loss is weighted by the slice's share of
-the micro-batch, and the trainable gradients are averaged over the ranks once per optimizer step,
-before clipping. Our own all-reduce rather than DDP's: dynamic masks replace the sparse ``values``
-parameters during training, which DDP registers once at construction."""
+(it carries :data:`~speft.distributed.SHARE`); its loss is weighted by the slice's share of the
+micro-batch's loss items (examples, or labelled tokens for a causal LM), and the trainable gradients
+are averaged over the ranks once per optimizer step, before clipping. Our own all-reduce rather than
+DDP's: dynamic masks replace the sparse ``values`` parameters during training, which DDP registers
+once at construction."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from speft.config import TrainerConfig
-from speft.distributed import GLOBAL_EXAMPLES, SINGLE, Dist
+from speft.distributed import SHARE, SINGLE, Dist
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +90,12 @@ def train(
     micro = 0
     while state.step < steps:
         for batch in loader:
-            total = batch.pop(GLOBAL_EXAMPLES, None)
-            if total is None:  # one process
+            share = batch.pop(SHARE, None)
+            if share is None:  # one process
                 loss = model(**move(batch, device)).loss
                 (loss / cfg.grad_accum_steps).backward()
                 running += loss.detach()  # no device sync per step; read out when logging
-            elif batch:  # this rank's slice: its loss weighted by its share of the micro-batch
-                share = len(next(iter(batch.values()))) / int(total)
+            elif share > 0:  # this rank's slice: its loss weighted by its share of the micro-batch
                 loss = model(**move(batch, device)).loss
                 (loss * (share * dist.world / cfg.grad_accum_steps)).backward()
                 running += loss.detach() * share
