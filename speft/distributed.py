@@ -33,6 +33,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SHARE = "_loss_share"  # key a sharded micro-batch carries: its share of the whole micro-batch's loss items
+BUCKET_ENTRIES = 2**25  # entries per all-reduce buffer (128 MiB fp32): full fine-tuning never copies all gradients
 IGNORE_INDEX = -100  # label of a token that no loss counts (prompts, padding), as transformers' losses
 
 
@@ -83,16 +84,24 @@ class Dist:
         return box[0]
 
     def all_reduce_(self, tensors: Iterable[torch.Tensor], op: str = "sum") -> None:
-        """Reduce ``tensors`` in place over the ranks (``sum``, ``min`` or ``max``), flattened into one
-        buffer per dtype and device (one collective each)."""
+        """Reduce ``tensors`` in place over the ranks (``sum``, ``min`` or ``max``), flattened into
+        buffers of one dtype and device of at most :data:`BUCKET_ENTRIES` entries (one collective each;
+        a larger tensor goes alone)."""
         if not self.enabled:
             return
         reduce_op = {"sum": torch.distributed.ReduceOp.SUM, "min": torch.distributed.ReduceOp.MIN,
                      "max": torch.distributed.ReduceOp.MAX}[op]
-        groups: dict[tuple, list[torch.Tensor]] = {}
+        groups: dict[tuple, list[list[torch.Tensor]]] = {}
+        sizes: dict[tuple, int] = {}
         for t in tensors:
-            groups.setdefault((t.dtype, t.device), []).append(t)
-        for ts in groups.values():
+            key = (t.dtype, t.device)
+            buckets = groups.setdefault(key, [[]])
+            if buckets[-1] and sizes[key] + t.numel() > BUCKET_ENTRIES:
+                buckets.append([])
+                sizes[key] = 0
+            buckets[-1].append(t)
+            sizes[key] = sizes.get(key, 0) + t.numel()
+        for ts in (bucket for buckets in groups.values() for bucket in buckets):
             flat = torch.cat([t.reshape(-1) for t in ts])
             if self.backend == "nccl" and flat.device.type != "cuda":
                 flat = flat.cuda(self.local_rank)
@@ -146,7 +155,8 @@ def _env_from_submitit() -> None:
         return
     from submitit.helpers import TorchDistributedEnvironment
 
-    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)  # cuda:<local rank> is chosen here
+    # cuda:<local rank> is chosen here; a MASTER_PORT already set is kept, the rest comes from SLURM
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
 
 
 def init(device: torch.device, timeout_min: float | None = None) -> Dist:

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from speft import distributed, registry
 from speft.config import Spec, validate
-from speft.distributed import Dist, ShardCollate, mask_digest
+from speft.distributed import Dist, DistributedError, ShardCollate, mask_digest
 from speft.loggers.base import RunLogger
 from speft.masks.base import MaskRuntime
 from speft.methods.base import PrepareContext, Prepared, count
@@ -143,7 +143,8 @@ def _run(plan: Plan, dist: Dist, run_dir: Path, run_name: str, sweep_dir: str | 
     logger = registry.get("logger", spec.logger.name).obj(spec.logger) if dist.is_main else RunLogger(spec.logger)
     record = RunRecord(run_dir, plan.config, spec.seed, write=dist.is_main)
     record.update(main_metric=f"{task.validation_split}/{task.main_metric}",
-                  salience=registry.get("method", spec.method.name).obj.uses_salience)
+                  salience=registry.get("method", spec.method.name).obj.uses_salience,
+                  processes={"world_size": dist.world, "backend": dist.backend})
     timings: dict[str, float] = {}
     try:
         distributed.check_same_config(dist, plan.config)  # a mismatch: a failed result, never a result
@@ -324,9 +325,20 @@ def evaluator(state: RunState):
     throughput: dict[str, dict] = {}
 
     def evaluate(split: str) -> dict[str, float]:
-        """Evaluated once, on rank 0 (its predictions files too); the other ranks receive the numbers."""
-        metrics = evaluate_here(split) if state.dist.is_main else None
-        return state.dist.broadcast_object(metrics)
+        """Evaluated once, on rank 0 (its predictions files too); the other ranks receive the numbers,
+        or rank 0's error, rather than wait for it until the process group's timeout."""
+        dist = state.dist
+        if not dist.enabled:
+            return evaluate_here(split)
+        try:
+            metrics = evaluate_here(split) if dist.is_main else None
+        except Exception as e:
+            dist.broadcast_object(("error", f"{type(e).__name__}: {e}"))
+            raise
+        status, value = dist.broadcast_object(("ok", metrics))
+        if status == "error":
+            raise DistributedError(f"rank 0 failed while evaluating '{split}': {value}")
+        return value
 
     def evaluate_here(split: str) -> dict[str, float]:
         with timed(state.timings, "evaluation_s"):

@@ -4,8 +4,9 @@ Keys: ``status`` ("completed" | "failed"), ``error``, ``config`` (resolved), ``m
 ``history`` (validation and training curves), ``trainable_params``, ``trainable`` (by part),
 ``total_params``, ``density``, ``budget``, ``mask`` (per module: selected and total entries),
 ``timings`` (seconds), ``peak_memory_mb``, ``versions``, ``git_sha``, ``git_dirty``, ``seed``,
-``started_at``, ``finished_at``; ``main_metric`` (the task's main validation key) and ``salience``
-(whether the method uses a salience mask) from the start of the run, so a failed run has them too.
+``started_at``, ``finished_at``, ``processes`` (data-parallel world size and backend); ``main_metric``
+(the task's main validation key) and ``salience`` (whether the method uses a salience mask) from the
+start of the run, so a failed run has them too.
 """
 
 from __future__ import annotations

@@ -58,6 +58,23 @@ def score_all(dist: Dist) -> dict:
     return out
 
 
+def cached_twice(dist: Dist, cache_dir: str) -> list[dict]:
+    """The score cache's record of two scorings of the same key."""
+    from speft.salience.scorer import Scorer
+
+    from .test_salience import make_metric, tiny_bert
+
+    infos = []
+    for _ in range(2):
+        model, targets = tiny_bert()
+        metric = make_metric("grad")
+        scorer = Scorer(metric, rows(), collate, torch.device("cpu"), batch_size=3, seed=0, cache_dir=cache_dir,
+                        key={"test": 1}, dist=dist)
+        scorer.score(model, targets)
+        infos.append(scorer.info)
+    return infos
+
+
 def train_tiny(dist: Dist, n: int = 9) -> dict:
     """Train the tiny classifier: global batch 4 × 2 accumulation over an epoch of 9 examples (the last
     micro-batch holds one example, so with 2 ranks one slice is empty), 4 optimizer steps."""
@@ -89,10 +106,15 @@ def _worker(rank: int, world: int, port: int, job: str, out: str) -> None:
     try:
         dist = distributed.init(torch.device("cpu"), timeout_min=1)
         if job == "score":
-            result = score_all(dist)
+            result = {"scores": score_all(dist), "cache": cached_twice(dist, f"{out}/cache")}
         elif job == "train":
             result = train_tiny(dist)
-        elif job == "mismatch":
+        elif job == "collectives":
+            distributed.BUCKET_ENTRIES = 5  # buckets of 3+1, 4, 10 (alone), 2 entries; float64 apart
+            ts = [torch.full((n,), float(rank + 1) * n) for n in (3, 1, 4, 10, 2)]
+            ts.append(torch.ones(2, dtype=torch.float64))
+            dist.all_reduce_(ts)
+            result["sums"] = ts
             for what, call in {
                 "config": lambda: distributed.check_same_config(dist, {"seed": rank, "density": "lora:8"}),
                 "mask": lambda: dist.check_same("the sparse mask", distributed.mask_digest(
@@ -188,6 +210,22 @@ def test_a_single_process_has_no_group_and_no_op_collectives(monkeypatch):
     assert torch.equal(t, torch.ones(2)) and dist.broadcast_object(5) == 5
 
 
+def test_a_submitit_slurm_task_exports_torchruns_variables(monkeypatch):
+    """hydra/launcher=slurm with 2 nodes × 2 tasks: the 4th task is rank 3, local rank 1, the master is
+    the first node of the job's node list."""
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(var, "")  # recorded, so that the teardown removes what the export sets
+        monkeypatch.delenv(var)
+    for var, value in dict(SUBMITIT_EXECUTOR="slurm", SLURM_JOB_ID="4242", SLURM_NTASKS="4", SLURM_PROCID="3",
+                           SLURM_LOCALID="1", SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="gpu[07-08]").items():
+        monkeypatch.setenv(var, value)
+    assert distributed.world_size_from_env() == 4 and distributed.env_rank() == 3
+    distributed._env_from_submitit()
+    env = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    assert env == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu07"}
+    assert 20000 <= int(os.environ["MASTER_PORT"]) <= 60000  # the same on every task: seeded by the job id
+
+
 def test_preflight_refuses_a_batch_that_does_not_split_over_the_processes(monkeypatch, compose_config, tmp_path):
     from speft.pipeline import preflight
     from speft.registry import ConfigError
@@ -205,7 +243,8 @@ def test_two_ranks_score_every_metric_as_one_process_and_select_the_same_mask(tm
     agrees up to float summation order, and the selected entries are exactly the same."""
     from speft.masks.selection import select
 
-    ranks = spawn("score", tmp_path)
+    results = spawn("score", tmp_path)
+    ranks = [r["scores"] for r in results]
     single = score_all(distributed.SINGLE)
     for name in METRICS:
         for when in ("first", "again"):
@@ -217,6 +256,9 @@ def test_two_ranks_score_every_metric_as_one_process_and_select_the_same_mask(tm
             for mode in ("global", "local"):
                 a, b = select(mode, one, k), select(mode, r0, k)
                 assert all(torch.equal(a[t].sort().values, b[t].sort().values) for t in a), (name, when, mode)
+    # The score cache: computed together and written once by rank 0, then read by every rank.
+    assert [[i["cache"] for i in r["cache"]] for r in results] == [["miss", "hit"], ["miss", "hit"]]
+    assert len(list((tmp_path / "cache" / "scores").iterdir())) == 1
 
 
 def test_two_ranks_train_as_one_process_at_the_same_global_batch(tmp_path):
@@ -234,8 +276,10 @@ def test_two_ranks_train_as_one_process_at_the_same_global_batch(tmp_path):
 
 
 def test_ranks_that_disagree_stop_with_an_error_naming_what_differs(tmp_path):
-    ranks = spawn("mismatch", tmp_path)
+    """And the bucketed all-reduce sums every tensor, whatever its bucket."""
+    ranks = spawn("collectives", tmp_path)
     for r in ranks:
+        assert [t.tolist() for t in r["sums"]] == [[3.0 * n] * n for n in (3, 1, 4, 10, 2)] + [[2.0, 2.0]]
         assert "rank 1 differs from rank 0 in: seed" in r["config"]
         assert "the sparse mask differs between ranks" in r["mask"]
 
@@ -277,6 +321,8 @@ def test_torchrun_two_processes_match_one_process_with_a_dynamic_mask(tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
     a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
     assert b["status"] == "completed" and b["mask"] == a["mask"] and b["mask_final"] == a["mask_final"]
+    assert b["processes"] == {"world_size": 2, "backend": "gloo"} and a["processes"]["world_size"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # rank 1 wrote no folder of its own
     assert [(u["step"], u["kept"]) for u in b["mask_updates"]] == [(u["step"], u["kept"]) for u in a["mask_updates"]]
     assert len(a["mask_updates"]) == 1 and b["train_steps"] == a["train_steps"] == 4
     for key, value in a["metrics"].items():
