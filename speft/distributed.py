@@ -239,12 +239,11 @@ def mask_digest(indices: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
-    """The slice [start, end) of ``n`` examples that ``rank`` takes: contiguous, sizes differing by at
-    most one (the first ``n % world`` ranks take one more)."""
-    base, extra = divmod(n, world)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
+def shard(n: int, rank: int, world: int) -> range:
+    """The positions of ``n`` examples that ``rank`` takes: every ``world``-th from ``rank`` (sizes
+    differ by at most one). Strided, not contiguous: ``group_by_length`` sorts a micro-batch by length,
+    so each rank gets as many long examples as the others."""
+    return range(rank, n, world)
 
 
 def loss_items(row: dict) -> int:
@@ -266,8 +265,8 @@ class ShardCollate:
         self.collate, self.dist = collate, dist
 
     def __call__(self, rows: list[dict]) -> dict:
-        start, end = shard_bounds(len(rows), self.dist.rank, self.dist.world)
+        mine = shard(len(rows), self.dist.rank, self.dist.world)
         items = [loss_items(r) for r in rows]
-        batch = self.collate(rows[start:end]) if end > start else {}
-        batch[SHARE] = sum(items[start:end]) / max(1, sum(items))
+        batch = self.collate([rows[i] for i in mine]) if mine else {}
+        batch[SHARE] = sum(items[i] for i in mine) / max(1, sum(items))
         return batch

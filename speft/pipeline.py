@@ -240,7 +240,7 @@ def _execute(plan: Plan, run_dir: Path, logger, record: RunRecord, timings: dict
     if spec.trainer.num_threads:
         torch.set_num_threads(spec.trainer.num_threads)
     set_seed(spec.seed)
-    state = RunState(spec, plan.task, run_dir, record, timings, dist.device(device_for(spec.trainer.device)), dist)
+    state = RunState(spec, plan.task, run_dir, record, timings, dist.device(device_for(spec.trainer.device)), dist=dist)
     load_data_and_model(state)
     scorer = build_scorer(state, metric) if method.uses_salience else None
     prepared = make_trainable(state, method, mask, scorer, k, plan.shapes)
@@ -375,6 +375,8 @@ def train_and_validate(state: RunState, prepared: Prepared, mask, scorer: Scorer
         mask.bind(MaskRuntime(model, sparse_layers(model), optimizer, steps, k, scorer,
                               batches_per_epoch=len(loader), grad_accum_steps=spec.trainer.grad_accum_steps))
 
+    if state.dist.enabled:  # dropout: independent noise on each rank's slice (scoring streams keep their seeds)
+        torch.manual_seed(spec.seed + 7919 * state.dist.rank)
     t0 = time.perf_counter()
     # Data-parallel: the single-process order of micro-batches; each rank collates its slice of each.
     collate = ShardCollate(state.collate, state.dist) if state.dist.enabled else state.collate
@@ -388,6 +390,8 @@ def train_and_validate(state: RunState, prepared: Prepared, mask, scorer: Scorer
                                         for n, m in sparse_layers(model).items()})
     state.record.update(history=train_state.history, mask_updates=train_state.mask_updates,
                         train_steps=train_state.step)
+    if state.dist.enabled:  # how the examples were split
+        state.record.data["processes"]["train_examples"] = state.dist.all_gather_object(train_state.examples)
     return train_state
 
 

@@ -33,6 +33,7 @@ class TrainState:
     epoch: float = 0.0
     history: list[dict] = field(default_factory=list)
     mask_updates: list[dict] = field(default_factory=list)
+    examples: int = 0  # training examples this process has run forward (its slices, when data-parallel)
 
 
 def total_steps(cfg: TrainerConfig, batches_per_epoch: int) -> int:
@@ -85,7 +86,7 @@ def train(
         return state
     eval_every = cfg.eval_every_steps or max(1, len(loader) // cfg.grad_accum_steps)
     model.train()
-    bar = tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True, disable=not dist.is_main)
     running, n_running, t0 = 0.0, 0, time.perf_counter()
     micro = 0
     while state.step < steps:
@@ -99,6 +100,7 @@ def train(
                 loss = model(**move(batch, device)).loss
                 (loss * (share * dist.world / cfg.grad_accum_steps)).backward()
                 running += loss.detach() * share
+            state.examples += len(next(iter(batch.values()))) if batch else 0
             n_running += 1
             micro += 1
             if micro % cfg.grad_accum_steps:
