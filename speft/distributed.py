@@ -13,9 +13,10 @@ and so does gloo as soon as a peer's connection closes: the run then records ``f
 
 Batch semantics (see README "Multi-process runs"): every optimizer step sees the same examples as a
 single process, ``trainer.batch_size × trainer.grad_accum_steps`` of the same seeded order, and each
-rank takes its slice of every micro-batch (:class:`ShardCollate`); the gradients are averaged over the
-ranks with example weights (:meth:`Dist.average_gradients`), so the step equals the single-process one
-up to float summation order.
+rank takes every N-th example of every micro-batch (:class:`ShardCollate`); each rank's loss is weighted
+by its slice's share of the loss items and the gradients are averaged over the ranks
+(:meth:`Dist.average_gradients`), so the step equals the single-process one up to float summation
+order (and dropout, which draws its noise per rank).
 """
 
 from __future__ import annotations
