@@ -312,6 +312,7 @@ def launch(run_dir: Path, *overrides: str, nproc: int = 1, timeout: int = 300) -
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # two runs of the packaged MiniLM: about 60 s on an idle 2-core box, 90 s on a busy one
 def test_torchrun_two_processes_match_one_process_with_a_dynamic_mask(tmp_path):
     """The same initial mask; the reselection at the same step with nearly the same entries (the ranks
     agree on it exactly, checked in the run; against one process the weights differ by dropout's noise,
