@@ -66,8 +66,10 @@ class TrainerConfig:
     name: str = MISSING  # the option's name, the same as its YAML file
     epochs: float = 1.0  # passes over the training split (fractions allowed)
     max_steps: Optional[int] = None  # optimizer steps; overrides epochs when set (0: evaluate as loaded; debug=fast: 5)
-    batch_size: int = 32  # examples per forward pass
-    grad_accum_steps: int = 1  # forward passes per optimizer step
+    # Global batch per optimizer step = batch_size × grad_accum_steps, whatever the number of processes:
+    # with N processes each takes batch_size / N examples of every micro-batch (README "Multi-process runs").
+    batch_size: int = 32  # examples per micro-batch (one forward pass), over all processes
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
     group_by_length: bool = True  # batches of similar lengths: less padding, same examples per epoch
     lr: float = 1e-3  # learning rate of the sparse values (and baselines' adapters)
     head_lr: Optional[float] = None  # learning rate of a trained head; null = lr

@@ -17,8 +17,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from speft import registry
+from speft import distributed, registry
 from speft.config import Spec, validate
+from speft.distributed import Dist, DistributedError, ShardCollate, mask_digest
+from speft.loggers.base import RunLogger
 from speft.masks.base import MaskRuntime
 from speft.methods.base import PrepareContext, Prepared, count
 from speft.models.loading import build_meta_model, find_targets, load_model, load_tokenizer, target_shapes
@@ -57,6 +59,17 @@ def check_combination(spec: Spec, task) -> None:
     if not task.new_head and getattr(method_cls, "head_only", False):
         raise ConfigError(f"method={spec.method.name} trains only a new task head; task={spec.task.name} keeps "
                           f"its pretrained LM head, so nothing would train. Use another method")
+    check_world(spec, distributed.world_size_from_env())
+
+
+def check_world(spec: Spec, world: int) -> None:
+    """Data-parallel: each of the ``world`` processes takes an equal slice of every micro-batch."""
+    b = spec.trainer.batch_size
+    if world > 1 and b % world:
+        ok = [m * world for m in range(max(1, b // world), b // world + 3)]
+        raise ConfigError(f"trainer.batch_size={b} (examples per micro-batch over all processes) does not split "
+                          f"over {world} processes; use a multiple of {world}, e.g. "
+                          f"{', '.join(map(str, ok))} (with trainer.grad_accum_steps to keep the global batch)")
 
 
 def plan_budget(spec: Spec, task) -> tuple[dict[str, tuple[int, int]], int | None]:
@@ -77,7 +90,8 @@ def preflight(cfg: DictConfig, run_dir: Path) -> Plan:
     shapes, k = plan_budget(spec, task)
     config = spec.resolved()
     previous = reusable_result(Path(run_dir), config, spec.skip_completed)
-    resume = None if previous is not None else checkpoint.resumable(Path(run_dir), config, spec.resume)
+    resume = None if previous is not None else checkpoint.resumable(Path(run_dir), config, spec.resume,
+                                                                    distributed.world_size_from_env())
     if resume is not None:
         resume["state"] = checkpoint.load(resume["path"])
     return Plan(spec, task, shapes, k, config, previous, resume)
@@ -115,17 +129,30 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", sweep_dir: str | 
     try:
         plan = plan or preflight(cfg, run_dir)
     except Exception as e:
-        record_refusal(cfg, Path(run_dir), e)
+        if distributed.env_rank() == 0:
+            record_refusal(cfg, Path(run_dir), e)
         raise
-    if plan.previous is not None:
-        log.info("%s holds a completed result of this config; skipped (skip_completed=true)", run_dir)
-        return RunResult(metrics=plan.previous["metrics"], results=plan.previous, model=None)
+    dist = distributed.init(device_for(plan.spec.trainer.device))
+    try:
+        return _run(plan, dist, Path(run_dir), run_name, sweep_dir, t_start)
+    finally:
+        distributed.shutdown()
 
+
+def _run(plan: Plan, dist: Dist, run_dir: Path, run_name: str, sweep_dir: str | None, t_start: float) -> RunResult:
+    """The run after pre-flight; with several processes every rank runs it, rank 0 alone writes."""
     spec, task = plan.spec, plan.task
-    logger = registry.get("logger", spec.logger.name).obj(spec.logger)
-    record = RunRecord(run_dir, plan.config, spec.seed)
+    run_dir, previous = dist.broadcast_object((run_dir, plan.previous))  # Hydra's ${now} may differ per rank
+    if previous is not None:
+        log.info("%s holds a completed result of this config; skipped (skip_completed=true)", run_dir)
+        return RunResult(metrics=previous["metrics"], results=previous, model=None)
+
+    # Only rank 0 writes results.json and logs to W&B; the other ranks keep a record in memory.
+    logger = registry.get("logger", spec.logger.name).obj(spec.logger) if dist.is_main else RunLogger(spec.logger)
+    record = RunRecord(run_dir, plan.config, spec.seed, write=dist.is_main)
     record.update(main_metric=f"{task.validation_split}/{task.main_metric}",
-                  salience=registry.get("method", spec.method.name).obj.uses_salience)
+                  salience=registry.get("method", spec.method.name).obj.uses_salience,
+                  processes={"world_size": dist.world, "backend": dist.backend})
     resumed = [*plan.resume.get("resumed_from_steps", []), plan.resume["step"]] if plan.resume else []
     record.update(resumed=len(resumed), resumed_from_steps=resumed)
     if plan.resume:
@@ -133,13 +160,17 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", sweep_dir: str | 
     timings: dict[str, float] = {}
     stop = StopRequest()
     try:
+        distributed.check_same_config(dist, plan.config)  # a mismatch: a failed result, never a result
+        dist.check_same("the checkpoint to resume from", str(plan.resume["path"] if plan.resume else None),
+                        "give every process the same hydra.run.dir")
         logger.start(plan.config, run_dir, run_name, sweep_dir,
                      resume_id=plan.resume.get("logger_run_id") if plan.resume else None)
-        metrics, model = _execute(plan, Path(run_dir), logger, record, timings, stop)
+        metrics, model = _execute(plan, Path(run_dir), logger, record, timings, stop, dist)
         timings["total_s"] = time.perf_counter() - t_start
         record.update(timings={k: round(v, 3) for k, v in timings.items()})
         data = record.finish("completed")
-        checkpoint.remove_all(Path(run_dir))  # the result is final: checkpoints are no longer needed
+        if dist.is_main:
+            checkpoint.remove_all(Path(run_dir))  # the result is final: checkpoints are no longer needed
         logger.finish(data)
         return RunResult(metrics=metrics, results=data, model=model)
     except Interrupted as e:  # a checkpoint is written: rerunning the same command resumes
@@ -231,10 +262,11 @@ class RunState:
     model: torch.nn.Module | None = None
     collate: Any = None
     targets: dict[str, torch.nn.Linear] = field(default_factory=dict)
+    dist: Dist = distributed.SINGLE  # this process's rank in a data-parallel run
 
 
 def _execute(plan: Plan, run_dir: Path, logger, record: RunRecord, timings: dict[str, float],
-             stop: StopRequest | None = None):
+             stop: StopRequest | None = None, dist: Dist = distributed.SINGLE):
     """The run's steps, in order; returns the final metrics and the trained model."""
     from transformers import set_seed
 
@@ -245,17 +277,18 @@ def _execute(plan: Plan, run_dir: Path, logger, record: RunRecord, timings: dict
     if spec.trainer.num_threads:
         torch.set_num_threads(spec.trainer.num_threads)
     set_seed(spec.seed)
-    state = RunState(spec, plan.task, run_dir, record, timings, device_for(spec.trainer.device), config=plan.config,
-                     resume=plan.resume, stop=stop, logger=logger)
+    state = RunState(spec, plan.task, run_dir, record, timings, dist.device(device_for(spec.trainer.device)),
+                     config=plan.config, resume=plan.resume, stop=stop, logger=logger, dist=dist)
     load_data_and_model(state)
     scorer = build_scorer(state, metric) if method.uses_salience else None
     prepared = make_trainable(state, method, mask, scorer, k, plan.shapes)
+    check_same_mask(state)
     if prepared.mask:
         logger.log_table("mask", ["module", "selected", "total", "density"],
                          [[n, m["selected"], m["total"], m["selected"] / m["total"]] for n, m in prepared.mask.items()])
     evaluate, throughput = evaluator(state)
     history = train_and_validate(state, prepared, mask, scorer, k, logger, evaluate)
-    if spec.method.save_adapter:
+    if spec.method.save_adapter and state.dist.is_main:
         method.save(state.model, state.run_dir / "adapter", base_model=spec.model.name_or_path,
                     base_package=spec.model.package, targets=sorted(state.targets), metric=spec.metric.name,
                     mask=spec.mask.name, density=str(spec.budget))
@@ -289,7 +322,16 @@ def build_scorer(state: RunState, metric) -> Scorer:
     return Scorer(metric, state.encoded["train"], state.collate, state.device,
                   batch_size=spec.metric.batch_size or spec.trainer.batch_size, seed=spec.seed,
                   cache_dir=spec.paths.resolve("cache_dir"),
-                  key={"model": asdict(spec.model), "task": asdict(spec.task), "split": "train"})
+                  key={"model": asdict(spec.model), "task": asdict(spec.task), "split": "train"}, dist=state.dist)
+
+
+def check_same_mask(state: RunState, step: int | None = None) -> None:
+    """Data-parallel: every rank must train the same entries; a mismatch stops the run."""
+    layers = sparse_layers(state.model)
+    if state.dist.enabled and layers:
+        when = "the initial selection" if step is None else f"the mask update after step {step}"
+        state.dist.check_same(f"the sparse mask ({when})", mask_digest({n: m.indices for n, m in layers.items()}),
+                              "the ranks' scores differ (different data, weights or non-deterministic kernels)")
 
 
 def make_trainable(state: RunState, method, mask, scorer: Scorer | None, k, shapes) -> Prepared:
@@ -321,6 +363,22 @@ def evaluator(state: RunState):
     throughput: dict[str, dict] = {}
 
     def evaluate(split: str) -> dict[str, float]:
+        """Evaluated once, on rank 0 (its predictions files too); the other ranks receive the numbers,
+        or rank 0's error, rather than wait for it until the process group's timeout."""
+        dist = state.dist
+        if not dist.enabled:
+            return evaluate_here(split)
+        try:
+            metrics = evaluate_here(split) if dist.is_main else None
+        except Exception as e:
+            dist.broadcast_object(("error", f"{type(e).__name__}: {e}"))
+            raise
+        status, value = dist.broadcast_object(("ok", metrics))
+        if status == "error":
+            raise DistributedError(f"rank 0 failed while evaluating '{split}': {value}")
+        return value
+
+    def evaluate_here(split: str) -> dict[str, float]:
         with timed(state.timings, "evaluation_s"):
             if task.generative:  # lm-evaluation-harness protocols (speft.evaluation)
                 metrics, throughput[split] = task.evaluate(split, state.model, state.tokenizer, state.splits[split],
@@ -345,23 +403,35 @@ def train_and_validate(state: RunState, prepared: Prepared, mask, scorer: Scorer
     validate_fn = (lambda step: {k: v for s in periodic for k, v in evaluate(s).items()}) if periodic else None
     dynamic = getattr(mask, "dynamic", False)
 
+    def on_step(step: int) -> dict | None:
+        record = mask.on_step_end(step)
+        if record:
+            check_same_mask(state, step)
+        return record
+
     def bind_mask(optimizer, steps: int) -> None:
         mask.bind(MaskRuntime(model, sparse_layers(model), optimizer, steps, k, scorer,
                               batches_per_epoch=len(loader), grad_accum_steps=spec.trainer.grad_accum_steps))
 
+    if state.dist.enabled:  # dropout: independent noise on each rank's slice (scoring streams keep their seeds)
+        torch.manual_seed(spec.seed + 7919 * state.dist.rank)
     t0 = time.perf_counter()
-    loader = train_dataloader(state.encoded["train"], spec.trainer, state.collate, spec.seed)
+    # Data-parallel: the single-process order of micro-batches; each rank collates its slice of each.
+    collate = ShardCollate(state.collate, state.dist) if state.dist.enabled else state.collate
+    loader = train_dataloader(state.encoded["train"], spec.trainer, collate, spec.seed)
     with state.stop or StopRequest():
         train_state = train(model, prepared.param_groups, loader, spec.trainer, state.device, on_log=logger.log,
                             validate=validate_fn, on_start=bind_mask if dynamic else None,
-                            on_step=mask.on_step_end if dynamic else None,
-                            checkpointing=checkpointing(state, mask, scorer))
+                            on_step=on_step if dynamic else None,
+                            checkpointing=checkpointing(state, mask, scorer), dist=state.dist)
     state.timings["training_s"] = time.perf_counter() - t0 - state.timings.get("evaluation_s", 0.0)
     if dynamic:
         state.record.update(mask_final={n: {"selected": m.values.numel(), "total": m.weight.numel()}
                                         for n, m in sparse_layers(model).items()})
     state.record.update(history=train_state.history, mask_updates=train_state.mask_updates,
                         train_steps=train_state.step)
+    if state.dist.enabled:  # how the examples were split
+        state.record.data["processes"]["train_examples"] = state.dist.all_gather_object(train_state.examples)
     return train_state
 
 
@@ -372,11 +442,14 @@ def checkpointing(state: RunState, mask, scorer: Scorer | None) -> Checkpointing
     resumed = state.record.data.get("resumed_from_steps", [])
 
     def save(loop_state: dict, optimizer) -> Path:
+        step = loop_state["train_state"]["step"]
+        if not state.dist.is_main:  # rank 0 writes (the ranks' own parts are gathered into its loop state)
+            return checkpoint.path_of(state.run_dir, step)
         content = {"loop": loop_state, "model": checkpoint.trainable_state(model, optimizer),
                    "mask": mask.state_dict(), "scorer": scorer.state_dict() if scorer is not None else None}
-        return checkpoint.save(state.run_dir, loop_state["train_state"]["step"], content, state.config,
-                               spec.trainer.keep_checkpoints,
-                               meta={"logger_run_id": state.logger.run_id, "resumed_from_steps": resumed})
+        return checkpoint.save(state.run_dir, step, content, state.config, spec.trainer.keep_checkpoints,
+                               meta={"logger_run_id": state.logger.run_id, "resumed_from_steps": resumed,
+                                     "processes": state.dist.world})
 
     def restore(content: dict, optimizer) -> None:
         checkpoint.load_trainable_state(model, content["model"], optimizer)

@@ -5,9 +5,10 @@ Keys: ``status`` ("completed" | "failed" | "interrupted": a stop signal, checkpo
 ``history`` (validation and training curves), ``trainable_params``, ``trainable`` (by part),
 ``total_params``, ``density``, ``budget``, ``mask`` (per module: selected and total entries),
 ``timings`` (seconds), ``peak_memory_mb``, ``versions``, ``git_sha``, ``git_dirty``, ``seed``,
-``started_at``, ``finished_at``; ``main_metric`` (the task's main validation key) and ``salience``
-(whether the method uses a salience mask) from the start of the run, so a failed run has them too;
-``resumed`` and ``resumed_from_steps`` (checkpoint resumes), ``interrupted`` (signal, step, checkpoint).
+``started_at``, ``finished_at``, ``processes`` (data-parallel world size and backend); ``main_metric``
+(the task's main validation key) and ``salience`` (whether the method uses a salience mask) from the
+start of the run, so a failed run has them too; ``resumed`` and ``resumed_from_steps`` (checkpoint
+resumes), ``interrupted`` (signal, step, checkpoint).
 """
 
 from __future__ import annotations
@@ -131,8 +132,9 @@ def now() -> str:
 class RunRecord:
     """Collects a run's results; writes ``results.json`` once, completed, failed or interrupted."""
 
-    def __init__(self, run_dir: Path, config: dict, seed: int) -> None:
+    def __init__(self, run_dir: Path, config: dict, seed: int, write: bool = True) -> None:
         self.path = Path(run_dir) / RESULTS_FILE
+        self.write = write  # False: a data-parallel run's rank > 0 (rank 0 writes the file)
         sha, dirty = git_state()
         self.data: dict = {
             "status": "running",
@@ -166,5 +168,6 @@ class RunRecord:
                                   "traceback": traceback.format_exception(error)}
         self.data["peak_memory_mb"] = peak_memory_mb()
         self.data["finished_at"] = now()
-        write_json_atomic(self.path, self.data)
+        if self.write:
+            write_json_atomic(self.path, self.data)
         return self.data

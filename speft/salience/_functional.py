@@ -79,6 +79,7 @@ def squared_gradient_mean(ctx: ScoreContext, offload: bool = False) -> dict[str,
     finally:
         for h in handles:
             h.remove()
+    ctx.reduce(acc.values())  # data-parallel: sums of squares over each rank's examples
     for buf in acc.values():
         buf.div_(ctx.num_examples)
     return acc
@@ -101,12 +102,18 @@ def _sum_squared_outer(dy: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | N
     return total
 
 
-def split_examples(batches: Iterable[dict], first: int) -> Iterator[tuple[int, dict]]:
+def split_examples(batches: Iterable[dict], first: int,
+                   offsets: Iterable[int] | None = None) -> Iterator[tuple[int, dict]]:
     """``(part, batch)`` pairs: part 0 holds the first ``first`` examples, part 1 the rest. A batch that
-    straddles the boundary is sliced in two (every tensor along its first dimension)."""
+    straddles the boundary is sliced in two (every tensor along its first dimension). ``offsets``: the
+    position of each batch's first example in the whole sample (a rank's share in data-parallel
+    scoring); None: the batches are consecutive from 0."""
     seen = 0
+    offsets = iter(offsets) if offsets is not None else None
     for batch in batches:
         n = num_examples(batch)
+        if offsets is not None:
+            seen = next(offsets)
         cut = min(max(first - seen, 0), n)
         if cut > 0:
             yield 0, batch if cut == n else {k: v[:cut] for k, v in batch.items()}

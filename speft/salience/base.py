@@ -41,8 +41,13 @@ class ScoreContext:
     model: nn.Module
     targets: dict[str, nn.Linear]
     batches: Callable[[], Iterable[dict]]  # a fresh iterator over the scoring batches (on the device)
-    num_examples: int  # examples the batches hold in total
+    num_examples: int  # examples the scores are computed from, over all ranks
     seed: int
+    # Data-parallel scoring: `batches` yields this rank's share, `reduce` sums accumulators over the
+    # ranks in place, `offsets` gives the position of each yielded batch's first example in the whole
+    # sample (None: the batches are the whole sample, consecutive). One process: no-op and None.
+    reduce: Callable[[Iterable[torch.Tensor]], None] = lambda tensors: None
+    offsets: Optional[Callable[[], Iterable[int]]] = None
 
 
 class SalienceMetric:
@@ -121,6 +126,7 @@ def mean_gradient(ctx: ScoreContext, offload: bool = False, abs_per_batch: bool 
         for batch in ctx.batches():
             loss = ctx.model(**batch).loss * (num_examples(batch) / ctx.num_examples)
             loss.backward()
+    ctx.reduce(acc.values())  # data-parallel: each rank holds the sum over its batches
     return acc
 
 

@@ -32,6 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from speft.distributed import SINGLE, Dist
 from speft.results import atomic_write
 from speft.salience.base import SalienceMetric, ScoreContext
 from speft.salience.memory import PeakMemory
@@ -127,13 +128,16 @@ def load(path: Path, key_json: str, shapes: dict[str, tuple[int, ...]]) -> dict[
 
 
 def compute_scores(metric: SalienceMetric, ctx: ScoreContext, cache_dir: Path | None,
-                   description: dict[str, Any], device: torch.device | str | None = None
-                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+                   description: dict[str, Any], device: torch.device | str | None = None,
+                   dist: Dist = SINGLE) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Scores from the cache when a valid file exists, else computed (and saved when caching is on).
 
     Returns the scores and a record for ``results.json``: ``cache`` (``hit``, ``miss`` or ``off``),
     ``path``, ``key``, ``examples`` (examples the metric used), ``peak_memory_mb`` (peak during scoring)
     and ``peak_memory_delta_mb`` (above the level at its start), ``memory_kind`` (``rss``/``cuda_allocated``).
+
+    Data-parallel (``dist``): every rank reads the file; unless all of them hit, all compute together
+    (scoring is collective) and rank 0 alone writes the file, which the others wait for.
     """
     use_cache = cache_dir is not None and metric.cfg.cache
     doc = key_document(metric, ctx, description)
@@ -152,11 +156,18 @@ def compute_scores(metric: SalienceMetric, ctx: ScoreContext, cache_dir: Path | 
                     log.info("score cache hit: %s", path)
                 except StaleCache as e:
                     log.warning("stale or corrupt score cache %s (%s); recomputing", path, e)
+        if dist.enabled and path is not None:
+            hit = torch.tensor([float(scores is not None)])
+            dist.all_reduce_([hit], op="min")
+            if not hit.item():
+                scores, info["cache"] = None, "miss"
         if scores is None:
             scores = metric.score(ctx)
             if path is not None:
-                save(path, scores, key_json)
-                log.info("scores saved to %s", path)
+                if dist.is_main:
+                    save(path, scores, key_json)
+                    log.info("scores saved to %s", path)
+                dist.barrier()
         elif not metric.cfg.offload:
             scores = {name: s.to(ctx.targets[name].weight.device) for name, s in scores.items()}
     info.update(peak_memory_mb=round(pm.peak_mb, 1), peak_memory_delta_mb=round(pm.delta_mb, 1),

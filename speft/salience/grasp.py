@@ -53,9 +53,10 @@ class Grasp(SalienceMetric):
 
         g = accumulators(targets, self.cfg.offload)
         with target_gradients(model, targets, lambda name, grad: g[name].add_(grad.to(g[name].device))):
-            for part, batch in split_examples(ctx.batches(), n1):
+            for part, batch in split_examples(ctx.batches(), n1, ctx.offsets and ctx.offsets()):
                 if part == 0:
                     (forward_per_example(model, batch, temp).sum() / n1).backward()
+        ctx.reduce(g.values())  # data-parallel: g over the whole first half, on every rank
 
         hg = accumulators(targets, self.cfg.offload)
         names = list(targets)
@@ -63,7 +64,7 @@ class Grasp(SalienceMetric):
         # The fused attention kernels have no double backward; the math kernel does.
         with target_gradients(model, targets, lambda name, grad: hg[name].add_(grad.to(hg[name].device))), \
                 sdpa_kernel(SDPBackend.MATH):
-            for part, batch in split_examples(ctx.batches(), n1):
+            for part, batch in split_examples(ctx.batches(), n1, ctx.offsets and ctx.offsets()):
                 if part != second:
                     continue
                 loss = forward_per_example(model, batch, temp).sum() / (n2 or n1)
@@ -72,4 +73,5 @@ class Grasp(SalienceMetric):
                 del grads
                 if isinstance(z, torch.Tensor) and z.requires_grad:  # else no target is on the loss's path
                     z.backward()
+        ctx.reduce(hg.values())
         return {name: buf.mul_(weight(targets[name], buf)) for name, buf in hg.items()}

@@ -5,6 +5,12 @@ stream of fresh examples for dynamic masks' re-scoring, the collation and device
 and the score cache's key facts. The pipeline builds one per run for methods that use salience;
 ``method.prepare`` calls :meth:`Scorer.score` and a dynamic mask :meth:`Scorer.rescore` (through
 ``MaskRuntime.score``).
+
+Data-parallel runs (:mod:`speft.distributed`): every rank draws the same sample and stream; the
+scoring batches are the single-process ones, dealt round-robin to the ranks (batch i to rank
+i mod N), and each metric sums its accumulators over the ranks (``ScoreContext.reduce``), so every
+rank ends with the same scores, equal to one process's up to float summation order. Data-free
+metrics (``random``, ``magnitude``, ``synflow``) are computed in full on every rank.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from speft.distributed import SINGLE, Dist
 from speft.salience.base import SalienceMetric, ScoreContext
 from speft.salience.cache import compute_scores
 
@@ -56,8 +63,8 @@ class Scorer:
 
     def __init__(self, metric: SalienceMetric, rows: list[dict], collate: Callable[[list[dict]], dict],
                  device: torch.device, *, batch_size: int, seed: int, cache_dir=None,
-                 key: dict[str, Any] | None = None) -> None:
-        self.metric, self.rows, self.collate, self.device = metric, rows, collate, device
+                 key: dict[str, Any] | None = None, dist: Dist = SINGLE) -> None:
+        self.metric, self.rows, self.collate, self.device, self.dist = metric, rows, collate, device, dist
         self.batch_size, self.seed, self.cache_dir = batch_size, seed, cache_dir
         self.key = {**(key or {}), "train_examples": len(rows), "batch_size": batch_size}
         n = min(metric.sample_factor * metric.cfg.num_score_examples, len(rows))
@@ -66,18 +73,31 @@ class Scorer:
         self._stream = example_stream(rows, seed + 1)  # dynamic masks' fresh examples, apart from the sample
         self.info: dict[str, Any] = {}  # the first scoring's cache record and peak memory (results.json)
 
+    def offsets(self, rows: list[dict]) -> list[int]:
+        """Where each of this rank's batches starts in ``rows`` (all batches in one process)."""
+        starts = list(range(0, len(rows), self.batch_size))
+        if self.dist.enabled and not self.metric.data_free:
+            starts = starts[self.dist.rank :: self.dist.world]
+        return starts
+
     def batches(self, rows: list[dict]) -> Callable[[], Iterator[dict]]:
         def it() -> Iterator[dict]:
-            for i in range(0, len(rows), self.batch_size):
+            for i in self.offsets(rows):
                 batch = self.collate(rows[i : i + self.batch_size])
                 yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
         return it
 
+    def context(self, model: nn.Module, targets: dict[str, nn.Module], rows: list[dict]) -> ScoreContext:
+        ctx = ScoreContext(model, targets, self.batches(rows), len(rows), self.seed)
+        if self.dist.enabled and not self.metric.data_free:
+            ctx.reduce, ctx.offsets = self.dist.all_reduce_, lambda: self.offsets(rows)
+        return ctx
+
     def score(self, model: nn.Module, targets: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
         """Scores of ``targets`` on the seeded sample, from the score cache when it holds them."""
-        ctx = ScoreContext(model, targets, self.batches(self.sample), len(self.sample), self.seed)
-        scores, self.info = compute_scores(self.metric, ctx, self.cache_dir, self.key, self.device)
+        ctx = self.context(model, targets, self.sample)
+        scores, self.info = compute_scores(self.metric, ctx, self.cache_dir, self.key, self.device, self.dist)
         return scores
 
     def state_dict(self) -> dict:
@@ -92,4 +112,4 @@ class Scorer:
         first sample), at most the whole split; never cached."""
         n = min(n or len(self.sample), len(self.rows))
         rows = [next(self._stream) for _ in range(n)]
-        return self.metric.score(ScoreContext(model, targets, self.batches(rows), n, self.seed))
+        return self.metric.score(self.context(model, targets, rows))

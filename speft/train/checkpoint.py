@@ -67,8 +67,7 @@ def save(run_dir: Path, step: int, state: dict, config: dict, keep: int, meta: d
     """Write the checkpoint of ``step`` (``state``: any picklable tree of tensors and plain values;
     ``meta``: small facts read before loading, e.g. the logger's run id), then remove all but the latest
     ``keep``. Returns the ``.pt`` path."""
-    d = folder(run_dir)
-    pt = d / f"step-{step:08d}.pt"
+    pt = path_of(run_dir, step)
     atomic_write(pt, lambda tmp: torch.save(state, tmp))
     record = {"step": step, "file": pt.name, "bytes": pt.stat().st_size, **(meta or {}), "config": config}
     atomic_write(pt.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1, default=str)))
@@ -76,6 +75,10 @@ def save(run_dir: Path, step: int, state: dict, config: dict, keep: int, meta: d
         old.unlink(missing_ok=True)  # the JSON first: a half-removed checkpoint never looks valid
         old.with_suffix(".pt").unlink(missing_ok=True)
     return pt
+
+
+def path_of(run_dir: Path, step: int) -> Path:
+    return folder(run_dir) / f"step-{step:08d}.pt"
 
 
 def remove_all(run_dir: Path) -> None:
@@ -120,10 +123,10 @@ def differing_keys(old: dict, new: dict, ignore: tuple[str, ...] = IGNORED_KEYS)
     return sorted(k for k in a.keys() | b.keys() if k not in ignore and a.get(k) != b.get(k))
 
 
-def resumable(run_dir: Path, config: dict, mode: str) -> dict | None:
+def resumable(run_dir: Path, config: dict, mode: str, processes: int = 1) -> dict | None:
     """The latest checkpoint's record to resume from (None: start fresh). Raises :class:`CheckpointError`
-    when ``mode`` is ``never`` and there are checkpoints, when they are of another config, or when the
-    latest is damaged (the older ones are kept)."""
+    when ``mode`` is ``never`` and there are checkpoints, when they are of another config or of another
+    number of data-parallel ``processes``, or when the latest is damaged (the older ones are kept)."""
     found = checkpoints(run_dir)
     if not found:
         return None
@@ -137,6 +140,10 @@ def resumable(run_dir: Path, config: dict, mode: str) -> dict | None:
     if changed:
         raise CheckpointError(f"{latest} is a checkpoint of a different config (differs in: {', '.join(changed)}); "
                               f"it is kept. Run the same command to resume, or choose another output folder")
+    if meta.get("processes", 1) != processes:
+        raise CheckpointError(f"{latest} was written by a run of {meta.get('processes', 1)} process(es); this "
+                              f"one has {processes}. Resume with the same number of processes (each rank's "
+                              f"random streams are in the checkpoint), or choose another output folder")
     meta["path"] = latest.with_suffix(".pt")
     return meta
 
@@ -267,12 +274,12 @@ def _main_thread() -> bool:
 
 
 def test_hook(micro: int) -> None:
-    """For the resume tests only: ``SPEFT_TEST_SIGNAL_AT_MICRO=<n>:<SIGNAL>`` makes the process send
-    itself a real signal (SIGKILL, SIGTERM, ...) right after micro-batch ``n`` (counted from the start of
-    training) has been through forward and backward."""
+    """For the resume tests only: ``SPEFT_TEST_SIGNAL_AT_MICRO=<n>:<SIGNAL>[:<rank>]`` makes the process
+    send itself a real signal (SIGKILL, SIGTERM, ...) right after micro-batch ``n`` (counted from the start
+    of training) has been through forward and backward; with a rank, only that data-parallel rank does."""
     spec = os.environ.get("SPEFT_TEST_SIGNAL_AT_MICRO")
     if not spec:
         return
-    at, _, name = spec.partition(":")
-    if micro == int(at):
+    at, name, rank = (spec.split(":") + ["", ""])[:3]
+    if micro == int(at) and (not rank or int(rank) == int(os.environ.get("RANK", "0"))):
         os.kill(os.getpid(), getattr(signal, name or "SIGKILL"))

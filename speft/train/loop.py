@@ -1,5 +1,12 @@
 """The training loop: AdamW, a transformers schedule, gradient accumulation and clipping,
-periodic validation, a progress bar, and mask-schedule hooks after every optimizer step."""
+periodic validation, a progress bar, and mask-schedule hooks after every optimizer step.
+
+Data-parallel (:mod:`speft.distributed`): each micro-batch is this rank's slice of the global one
+(it carries :data:`~speft.distributed.SHARE`); its loss is weighted by the slice's share of the
+micro-batch's loss items (examples, or labelled tokens for a causal LM), and the trainable gradients
+are averaged over the ranks once per optimizer step, before clipping. Our own all-reduce rather than
+DDP's: dynamic masks replace the sparse ``values`` parameters during training, which DDP registers
+once at construction."""
 
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from speft.config import TrainerConfig
+from speft.distributed import SHARE, SINGLE, Dist
 from speft.train.checkpoint import Interrupted, StopRequest, rng_state, set_rng_state, test_hook
 
 log = logging.getLogger(__name__)
@@ -32,6 +40,7 @@ class TrainState:
     epoch_index: int = 0
     batch_in_epoch: int = 0
     micro: int = 0
+    examples: int = 0  # training examples this process has run forward (its slices, when data-parallel)
 
 
 @dataclass
@@ -53,6 +62,23 @@ class Checkpointing:
         if self.every_steps and step % self.every_steps == 0:
             return True
         return bool(self.every_minutes) and time.monotonic() - self.last_saved >= 60 * self.every_minutes
+
+    def decide(self, due: bool, dist: Dist) -> tuple[bool, int | None]:
+        """Whether to checkpoint now, and the stop signal caught (None: go on). Data-parallel: every rank
+        takes part in a checkpoint (a collective) and stops at the same step, so the ranks' wall clocks
+        and signals are combined (any rank's reason counts)."""
+        signum = self.stop.signum if self.stop is not None else None
+        if not dist.enabled:
+            return due, signum
+        flags = torch.tensor([int(due), signum or 0], dtype=torch.int64)
+        dist.all_reduce_([flags], op="max")
+        return bool(flags[0]), int(flags[1]) or None
+
+
+def per_rank(loop: dict, dist: Dist) -> dict:
+    """This rank's part of a checkpoint's loop state (random streams, running loss); pre-flight has
+    checked that the checkpoint was written by as many processes."""
+    return loop["ranks"][dist.rank] if loop.get("ranks") else loop
 
 
 def total_steps(cfg: TrainerConfig, batches_per_epoch: int) -> int:
@@ -94,6 +120,7 @@ def train(
     on_start: Callable[[torch.optim.Optimizer, int], None] | None = None,
     on_step: Callable[[int], dict | None] | None = None,
     checkpointing: Checkpointing | None = None,
+    dist: Dist = SINGLE,
 ) -> TrainState:
     """Train; ``on_start(optimizer, total_steps)`` runs once, ``on_step(step)`` after every optimizer
     step (mask schedules: it may swap parameters in the optimizer's groups) and may return a record.
@@ -113,7 +140,7 @@ def train(
     state = TrainState()
     ck = checkpointing
     resume = ck.resume if ck is not None else None
-    running, n_running, epoch_rng = 0.0, 0, None
+    running, n_running, epoch_rng, own = 0.0, 0, None, None
     if resume is not None:
         loop = resume["loop"]
         if ck.restore is not None:
@@ -121,25 +148,29 @@ def train(
         optimizer.load_state_dict(loop["optimizer"])
         scheduler.load_state_dict(loop["scheduler"])
         state = TrainState(**loop["train_state"])
-        running, n_running, epoch_rng = loop["running"], loop["n_running"], loop["epoch_rng"]
+        own = per_rank(loop, dist)  # this rank's random streams and running loss
+        running, n_running, epoch_rng = own["running"], own["n_running"], loop["epoch_rng"]
         log.info("resumed at step %d (pass %d, micro-batch %d of it)", state.step, state.epoch_index,
                  state.batch_in_epoch)
     if steps == 0 or state.step >= steps:  # nothing (left) to train: a signal came at the last step
-        if resume is not None:
-            set_rng_state(resume["loop"]["rng"])
+        if own is not None:
+            set_rng_state(own["rng"])
         return state
     eval_every = cfg.eval_every_steps or max(1, len(loader) // cfg.grad_accum_steps)
     model.train()
-    bar = tqdm(total=steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not dist.is_main)
     t0 = time.perf_counter()
     gen = data_generator(loader)
     saved_at, saved_path = None, None
 
     def save() -> Path:
         nonlocal saved_at, saved_path
+        mine = {"running": running, "n_running": n_running, "rng": rng_state()}
         loop_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                      "train_state": asdict(state), "running": running, "n_running": n_running,
-                      "epoch_rng": epoch_rng, "rng": rng_state()}
+                      "train_state": asdict(state), "epoch_rng": epoch_rng, **mine,
+                      # data-parallel: every rank's own (dropout streams differ), in rank order
+                      "ranks": dist.all_gather_object(mine) if dist.enabled else None}
         path = ck.save(loop_state, optimizer)
         ck.last_saved, saved_at, saved_path = time.monotonic(), state.step, path
         return path
@@ -153,18 +184,27 @@ def train(
         if resume is not None:
             for _ in range(state.batch_in_epoch):
                 next(batches)
-            set_rng_state(resume["loop"]["rng"])
+            set_rng_state(own["rng"])
             resume = None
         for batch in batches:
-            loss = model(**move(batch, device)).loss
-            (loss / cfg.grad_accum_steps).backward()
-            running += loss.detach()  # no device sync per step; read out when logging
+            share = batch.pop(SHARE, None)
+            if share is None:  # one process
+                loss = model(**move(batch, device)).loss
+                (loss / cfg.grad_accum_steps).backward()
+                running += loss.detach()  # no device sync per step; read out when logging
+            elif share > 0:  # this rank's slice: its loss weighted by its share of the micro-batch
+                loss = model(**move(batch, device)).loss
+                (loss * (share * dist.world / cfg.grad_accum_steps)).backward()
+                running += loss.detach() * share
+            state.examples += len(next(iter(batch.values()))) if batch else 0
             n_running += 1
             state.micro += 1
             state.batch_in_epoch += 1
             test_hook(state.micro)
             if state.micro % cfg.grad_accum_steps:
                 continue
+            if dist.enabled:
+                dist.average_gradients([p for g in optimizer.param_groups for p in g["params"]])
             if cfg.max_grad_norm:
                 params = [p for g in optimizer.param_groups for p in g["params"]]
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -180,6 +220,10 @@ def train(
                     on_log({f"mask/{k}": v for k, v in record.items() if k not in ("step", "kind")}, state.step)
             bar.update(1)
             if state.step % cfg.log_every_steps == 0 or state.step == steps:
+                if dist.enabled:  # the mean over the ranks' slices
+                    summed = torch.tensor([float(running)], dtype=torch.float64)
+                    dist.all_reduce_([summed])
+                    running = summed.item()
                 record = {"train/loss": float(running) / n_running, "train/lr": scheduler.get_last_lr()[0],
                           "train/epoch": state.epoch,
                           "train/steps_per_s": cfg.log_every_steps / max(time.perf_counter() - t0, 1e-9)}
@@ -190,12 +234,14 @@ def train(
                 metrics = validate(state.step)
                 state.history.append({"step": state.step, "epoch": round(state.epoch, 4), **metrics})
                 on_log(metrics, state.step)
-            if ck is not None and state.step < steps and ck.due(state.step):
-                save()
-            if ck is not None and ck.stop is not None and ck.stop.signum is not None:
-                path = save() if saved_at != state.step else saved_path
-                bar.close()
-                raise Interrupted(ck.stop.signum, state.step, path)
+            if ck is not None:
+                due, signum = ck.decide(state.step < steps and ck.due(state.step), dist)
+                if due:
+                    save()
+                if signum is not None:
+                    path = save() if saved_at != state.step else saved_path
+                    bar.close()
+                    raise Interrupted(signum, state.step, path)
             if state.step >= steps:
                 break
         else:  # the pass is over
