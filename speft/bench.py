@@ -346,13 +346,6 @@ def _subprocess_json(cmd: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _subprocess_json(cmd: list[str]) -> dict:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-    if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def configurations(args: argparse.Namespace) -> list[tuple[str, int, str | None]]:
     """(method, rank, mask) to measure: full and frozen once, LoRA per rank, sparse per rank and mask."""
     methods = args.methods.split(",")
