@@ -90,6 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
+    p.add_argument("--table", default=None,
+                   help="also write the rows as a Markdown table to this file (experiments/efficiency/)")
     p.add_argument("--topk-scores", type=float, default=None,
                    help="instead: peak memory of selecting 1%% of this many scores (over 64 modules) with "
                         "speft's global top-k vs a concatenating torch.topk")
@@ -370,6 +372,30 @@ def summarise(runs: list[dict]) -> dict:
     return row
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """The rows as the Markdown table of experiments/efficiency/: one line per method, rank and mask."""
+    def cell(row, key):
+        v = row.get(key)
+        if key == "plans" and v:
+            return ", ".join(f"{k} {n}" for k, n in v.items())
+        return "" if v is None else str(v)
+
+    keys = ["method", "rank", "mask", "step_s", "step_vs_lora", "step_vs_frozen", "peak_memory_mb",
+            "memory_vs_lora", "structured_fraction", "plans"]
+    head = ["method", "rank", "mask", "step s", "× LoRA", "× frozen", "peak MB", "mem × LoRA",
+            "structured fraction", "plans"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['method']} | {cell(row, 'rank')} | {cell(row, 'mask')} | error: {row['error']} |")
+        else:
+            lines.append("| " + " | ".join(cell(row, k) for k in keys) + " |")
+    first = next((r for r in rows if "error" not in r), {})
+    setting = ", ".join(f"{k} {first[k]}" for k in ("shape", "batch", "seq", "targets", "device", "dtype", "threads")
+                        if k in first)
+    return f"{setting}; median of {first.get('repeats', 1)} processes per row\n\n" + "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.worker:
@@ -413,6 +439,8 @@ def main(argv=None) -> list[dict]:
             if frozen:
                 row["step_vs_frozen"] = round(row["step_s"] / frozen["step_s"], 3)
         print(json.dumps(row), flush=True)
+    if args.table:
+        Path(args.table).write_text(markdown_table(rows), encoding="utf-8")
     return rows
 
 
