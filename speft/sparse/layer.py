@@ -8,7 +8,7 @@ updates are not rounded away in bf16) and unmerging restores W0 bit-exactly.
 In backward, the values' gradient is computed only where the mask lives: a :class:`GradPlan`, built
 once per index set (and again whenever a dynamic mask changes the indices), covers the selected
 entries with dense blocks (rows R × columns C of the whole layer, or per band of 64 rows or 64
-columns), and each block costs one small product Gᵀ[R]·X[:, C] over the tokens. Per layer the
+columns), and each block costs one small product Xᵀ[:, C]·G[:, R] over the tokens. Per layer the
 cheapest of these structures and the plain dense product is chosen; a layer with no selected entry
 pays nothing for a weight gradient. The base weight never gets a ``.grad``, unless it asks for one
 (salience scoring during training), when the dense gradient is formed and the values read from it.
