@@ -280,6 +280,19 @@ def structure(model) -> dict:
             "plans": dict(sorted(kinds.items()))}
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB: VmHWM of its own address space on Linux. (ru_maxrss
+    carries over the parent's memory across fork and exec: after the parent scored grad masks, every
+    worker would report at least the parent's size.)"""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def worker(args: argparse.Namespace) -> dict:
     method = args.worker
     model, params = build(args, method)
@@ -307,7 +320,7 @@ def worker(args: argparse.Namespace) -> dict:
     if args.device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = peak_rss_mb()
     row = {"method": method, "step_s": round(statistics.median(times), 4), "peak_memory_mb": round(peak, 1),
            "trainable": sum(p.numel() for p in params), "shape": args.shape, "batch": args.batch,
            "seq": args.seq, "targets": args.targets, "device": args.device, "dtype": args.dtype,
@@ -326,7 +339,7 @@ def topk_worker(args: argparse.Namespace) -> dict:
     n = int(args.topk_scores)
     g = torch.Generator().manual_seed(0)
     scores = {f"m{i}": torch.rand(n // 64, generator=g) for i in range(64)}
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = peak_rss_mb()
     k = n // 100
     t0 = time.perf_counter()
     if args.topk_worker == "speft":
@@ -335,7 +348,7 @@ def topk_worker(args: argparse.Namespace) -> dict:
         flat = torch.cat([s.flatten() for s in scores.values()])
         selected = torch.topk(flat, k).indices
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     del selected
     return {"selection": args.topk_worker, "scores": n, "k": k, "seconds": round(seconds, 2),
             "scores_mb": round(n * 4 / 2**20, 1), "extra_peak_mb": round(peak - base, 1)}

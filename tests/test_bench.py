@@ -160,3 +160,20 @@ def test_table_has_one_line_per_row_with_its_ratios_and_errors(tmp_path):
     out = tmp_path / "t.md"
     rows = main([*TINY, "--rank", "2", "--methods", "frozen,sparse", "--table", str(out)])
     assert out.read_text(encoding="utf-8") == markdown_table(rows)
+
+
+def test_peak_memory_is_the_workers_own_not_its_parents():
+    """ru_maxrss carries the parent's size over fork and exec; the worker's peak must not."""
+    import os
+    import subprocess
+    import sys
+
+    from speft.bench import peak_rss_mb
+
+    big = torch.ones(256 * 2**20)  # 1 GiB held by this (parent) process while the child runs
+    assert peak_rss_mb() > 1024
+    code = "from speft.bench import peak_rss_mb; print(peak_rss_mb())"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout)
+    assert 10 < child < 900, child  # torch imported, nothing of the parent's gigabyte
+    del big
