@@ -90,6 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
+    p.add_argument("--table", default=None,
+                   help="also write the rows as a Markdown table to this file (experiments/efficiency/)")
     p.add_argument("--topk-scores", type=float, default=None,
                    help="instead: peak memory of selecting 1%% of this many scores (over 64 modules) with "
                         "speft's global top-k vs a concatenating torch.topk")
@@ -278,6 +280,19 @@ def structure(model) -> dict:
             "plans": dict(sorted(kinds.items()))}
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB: VmHWM of its own address space on Linux. (ru_maxrss
+    carries over the parent's memory across fork and exec: after the parent scored grad masks, every
+    worker would report at least the parent's size.)"""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def worker(args: argparse.Namespace) -> dict:
     method = args.worker
     model, params = build(args, method)
@@ -305,7 +320,7 @@ def worker(args: argparse.Namespace) -> dict:
     if args.device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = peak_rss_mb()
     row = {"method": method, "step_s": round(statistics.median(times), 4), "peak_memory_mb": round(peak, 1),
            "trainable": sum(p.numel() for p in params), "shape": args.shape, "batch": args.batch,
            "seq": args.seq, "targets": args.targets, "device": args.device, "dtype": args.dtype,
@@ -324,7 +339,7 @@ def topk_worker(args: argparse.Namespace) -> dict:
     n = int(args.topk_scores)
     g = torch.Generator().manual_seed(0)
     scores = {f"m{i}": torch.rand(n // 64, generator=g) for i in range(64)}
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = peak_rss_mb()
     k = n // 100
     t0 = time.perf_counter()
     if args.topk_worker == "speft":
@@ -333,17 +348,10 @@ def topk_worker(args: argparse.Namespace) -> dict:
         flat = torch.cat([s.flatten() for s in scores.values()])
         selected = torch.topk(flat, k).indices
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     del selected
     return {"selection": args.topk_worker, "scores": n, "k": k, "seconds": round(seconds, 2),
             "scores_mb": round(n * 4 / 2**20, 1), "extra_peak_mb": round(peak - base, 1)}
-
-
-def _subprocess_json(cmd: list[str]) -> dict:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-    if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _subprocess_json(cmd: list[str]) -> dict:
@@ -375,6 +383,30 @@ def summarise(runs: list[dict]) -> dict:
     row["peak_memory_mb"] = round(statistics.median(r["peak_memory_mb"] for r in ok), 1)
     row["repeats"] = len(ok)
     return row
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The rows as the Markdown table of experiments/efficiency/: one line per method, rank and mask."""
+    def cell(row, key):
+        v = row.get(key)
+        if key == "plans" and v:
+            return ", ".join(f"{k} {n}" for k, n in v.items())
+        return "" if v is None else str(v)
+
+    keys = ["method", "rank", "mask", "step_s", "step_vs_lora", "step_vs_frozen", "peak_memory_mb",
+            "memory_vs_lora", "structured_fraction", "plans"]
+    head = ["method", "rank", "mask", "step s", "× LoRA", "× frozen", "peak MB", "mem × LoRA",
+            "structured fraction", "plans"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['method']} | {cell(row, 'rank')} | {cell(row, 'mask')} | error: {row['error']} |")
+        else:
+            lines.append("| " + " | ".join(cell(row, k) for k in keys) + " |")
+    first = next((r for r in rows if "error" not in r), {})
+    setting = ", ".join(f"{k} {first[k]}" for k in ("shape", "batch", "seq", "targets", "device", "dtype", "threads")
+                        if k in first)
+    return f"{setting}; median of {first.get('repeats', 1)} processes per row\n\n" + "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> list[dict]:
@@ -420,6 +452,8 @@ def main(argv=None) -> list[dict]:
             if frozen:
                 row["step_vs_frozen"] = round(row["step_s"] / frozen["step_s"], 3)
         print(json.dumps(row), flush=True)
+    if args.table:
+        Path(args.table).write_text(markdown_table(rows), encoding="utf-8")
     return rows
 
 

@@ -140,3 +140,40 @@ def test_masks_file_caches_grad_masks_for_the_same_key_only(data_dir, tmp_path, 
     bench.cached_grad_masks(parse_args([*base, "--rank", "3", "--seq", "6"]))  # other text: rescored
     bench.cached_grad_masks(parse_args([*base, "--rank", "4"]))  # a rank not stored: rescored
     assert calls == [[2, 3], [3], [4]]
+
+
+def test_table_has_one_line_per_row_with_its_ratios_and_errors(tmp_path):
+    from speft.bench import markdown_table
+
+    rows = [{"method": "frozen", "step_s": 2.0, "peak_memory_mb": 100.0, "step_vs_frozen": 1.0, "shape": "tiny",
+             "batch": 2, "seq": 8, "threads": 1, "repeats": 3},
+            {"method": "sparse", "rank": 4, "mask": "grad", "step_s": 2.2, "peak_memory_mb": 90.0,
+             "step_vs_lora": 0.9, "memory_vs_lora": 0.8, "step_vs_frozen": 1.1, "structured_fraction": 0.15,
+             "plans": {"dense": 1, "row_bands": 2}},
+            {"method": "lora", "rank": 4, "error": ["boom"]}]
+    text = markdown_table(rows)
+    lines = text.strip().splitlines()
+    assert lines[0] == "shape tiny, batch 2, seq 8, threads 1; median of 3 processes per row"
+    assert lines[4:] == ["| frozen |  |  | 2.0 |  | 1.0 | 100.0 |  |  |  |",
+                         "| sparse | 4 | grad | 2.2 | 0.9 | 1.1 | 90.0 | 0.8 | 0.15 | dense 1, row_bands 2 |",
+                         "| lora | 4 |  | error: ['boom'] |"]
+    out = tmp_path / "t.md"
+    rows = main([*TINY, "--rank", "2", "--methods", "frozen,sparse", "--table", str(out)])
+    assert out.read_text(encoding="utf-8") == markdown_table(rows)
+
+
+def test_peak_memory_is_the_workers_own_not_its_parents():
+    """ru_maxrss carries the parent's size over fork and exec; the worker's peak must not."""
+    import os
+    import subprocess
+    import sys
+
+    from speft.bench import peak_rss_mb
+
+    big = torch.ones(256 * 2**20)  # 1 GiB held by this (parent) process while the child runs
+    assert peak_rss_mb() > 1024
+    code = "from speft.bench import peak_rss_mb; print(peak_rss_mb())"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout)
+    assert 10 < child < 900, child  # torch imported, nothing of the parent's gigabyte
+    del big

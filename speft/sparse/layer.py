@@ -8,7 +8,7 @@ updates are not rounded away in bf16) and unmerging restores W0 bit-exactly.
 In backward, the values' gradient is computed only where the mask lives: a :class:`GradPlan`, built
 once per index set (and again whenever a dynamic mask changes the indices), covers the selected
 entries with dense blocks (rows R × columns C of the whole layer, or per band of 64 rows or 64
-columns), and each block costs one small product Gᵀ[R]·X[:, C] over the tokens. Per layer the
+columns), and each block costs one small product Xᵀ[:, C]·G[:, R] over the tokens. Per layer the
 cheapest of these structures and the plain dense product is chosen; a layer with no selected entry
 pays nothing for a weight gradient. The base weight never gets a ``.grad``, unless it asks for one
 (salience scoring during training), when the dense gradient is formed and the values read from it.
@@ -31,9 +31,10 @@ BLOCK_COST = 512  # fixed cost of one block product (call overhead, ~10 µs), in
 class _Block:
     rows: slice | torch.Tensor  # output features of the block: a range, or gathered indices
     cols: slice | torch.Tensor  # input features of the block
-    pos: torch.Tensor  # positions of the block's entries in the flattened (rows × cols) product (int32 if it fits)
+    pos: torch.Tensor  # positions of the block's entries in its flattened product (int32 if it fits)
     n_rows: int
     n_cols: int
+    transposed: bool = False  # the product is formed as Xᵀ·G (cols × rows): faster for blocks than Gᵀ·X
 
 
 @dataclass
@@ -60,7 +61,8 @@ class GradPlan:
         for b in self.blocks:
             g = g2[:, b.rows] if isinstance(b.rows, slice) else g2.index_select(1, b.rows)
             x = x2[:, b.cols] if isinstance(b.cols, slice) else x2.index_select(1, b.cols)
-            parts.append(g.t().mm(x).view(-1).index_select(0, b.pos))
+            prod = x.t().mm(g) if b.transposed else g.t().mm(x)
+            parts.append(prod.view(-1).index_select(0, b.pos))
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
         if self.gather is not None:
             out = out.index_select(0, self.gather)
@@ -86,7 +88,10 @@ def _block(rows: torch.Tensor, cols: torch.Tensor) -> tuple[_Block, int]:
     ri = rows - r0 if r0 >= 0 else r_inv
     ci = cols - c0 if c0 >= 0 else c_inv
     cost = nr * nc + GATHER_COST * ((0 if r0 >= 0 else nr) + (0 if c0 >= 0 else nc)) + BLOCK_COST
-    return _Block(rsel, csel, _compact(ri * nc + ci, nr * nc), nr, nc), cost
+    # Formed as Xᵀ[C]·G[:, R] (cols × rows): for a row band (its rows a strided slice of G) MKL forms
+    # this up to 2.5x faster than Gᵀ[R]·X[:, C], other blocks take the same time either way; on
+    # SmolLM2-135M's grad masks (512 tokens, CPU) all plans together take about 10 % less.
+    return _Block(rsel, csel, _compact(ci * nr + ri, nr * nc), nr, nc, True), cost
 
 
 def _compact(index: torch.Tensor, bound: int) -> torch.Tensor:
