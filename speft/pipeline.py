@@ -227,7 +227,7 @@ def reusable_result(run_dir: Path, config: dict, skip_completed: bool) -> dict |
         raise ConfigError(f"{run_dir} already holds a completed results.json; add skip_completed=true to "
                           f"keep it and skip this run, or choose another output folder")
     old = previous.get("config") or {}
-    changed = sorted(k for k in old.keys() | config.keys() if k != "skip_completed" and old.get(k) != config.get(k))
+    changed = checkpoint.differing_keys(old, config)  # settings that do not change what a run computes left out
     if changed:
         raise ConfigError(f"{run_dir} holds a completed result of a different config (differs in: "
                           f"{', '.join(changed)}); it is kept. Re-launch the sweep with the same overrides "
