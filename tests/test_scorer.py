@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from speft.salience.base import MetricConfig, SalienceMetric
-from speft.salience.scorer import Scorer, example_stream
+from speft.salience.scorer import ExampleStream, Scorer
 
 ROWS = [{"input_ids": torch.tensor([i]), "labels": torch.tensor(i)} for i in range(40)]
 
@@ -50,6 +50,6 @@ def test_rescoring_draws_fresh_examples_from_a_second_seeded_stream():
     s.rescore(torch.nn.Linear(1, 1), {}, 4)
     s.rescore(torch.nn.Linear(1, 1), {}, 50)  # at most the whole split
     seen = [sum(call, []) for call in metric.calls]
-    stream = example_stream(list(range(40)), 8)
+    stream = ExampleStream(list(range(40)), 8)
     assert seen == [[next(stream) for _ in range(n)] for n in (6, 4, 40)]
     assert seen[0] != [r["labels"].item() for r in s.sample]  # a stream apart from the first sample

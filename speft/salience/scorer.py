@@ -52,11 +52,6 @@ class ExampleStream:
         self.order, self.pos = list(state["order"]), int(state["pos"])
 
 
-def example_stream(rows: list[dict], seed: int) -> ExampleStream:
-    """Endless seeded reshuffles of ``rows``."""
-    return ExampleStream(rows, seed)
-
-
 class Scorer:
     """Scores for one run. The first sample holds ``metric.sample_factor`` (GraSP: 2) times
     ``metric.num_score_examples`` examples, at most the whole split."""
@@ -70,7 +65,7 @@ class Scorer:
         n = min(metric.sample_factor * metric.cfg.num_score_examples, len(rows))
         g = torch.Generator().manual_seed(seed)
         self.sample = [rows[i] for i in torch.randperm(len(rows), generator=g)[:n].tolist()]
-        self._stream = example_stream(rows, seed + 1)  # dynamic masks' fresh examples, apart from the sample
+        self._stream = ExampleStream(rows, seed + 1)  # dynamic masks' fresh examples, apart from the sample
         self.info: dict[str, Any] = {}  # the first scoring's cache record and peak memory (results.json)
 
     def offsets(self, rows: list[dict]) -> list[int]:
