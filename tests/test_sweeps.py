@@ -78,6 +78,10 @@ def test_skip_completed_returns_the_recorded_result_and_never_overwrites(tmp_pat
     with pytest.raises(ConfigError, match="differs in: metric"):  # another config in the same folder
         run(compose_cfg("debug=fast", "logger=none", "method.save_adapter=false", "metric=snip",
                         "skip_completed=true"), run_dir=tmp_path)
+    # settings that do not change what a run computes (checkpoint period, resume) do not make it another config
+    same = run(compose_cfg("debug=fast", "logger=none", "method.save_adapter=false", "skip_completed=true",
+                           "trainer.checkpoint_every_steps=7", "resume=never"), run_dir=tmp_path)
+    assert same.model is None and same.metrics == first.metrics
     assert path.read_text() == before
 
 
