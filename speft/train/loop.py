@@ -203,10 +203,10 @@ def train(
             test_hook(state.micro)
             if state.micro % cfg.grad_accum_steps:
                 continue
+            params = [p for g in optimizer.param_groups for p in g["params"]]
             if dist.enabled:
-                dist.average_gradients([p for g in optimizer.param_groups for p in g["params"]])
+                dist.average_gradients(params)
             if cfg.max_grad_norm:
-                params = [p for g in optimizer.param_groups for p in g["params"]]
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
