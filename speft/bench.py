@@ -7,7 +7,8 @@ and to the frozen floor, and, for sparse, the structured fraction: the share of 
 gradient's entries its backward computes (see :mod:`speft.sparse.layer`). ``sparse`` and ``lora``
 train the same number of entries on the same target modules (the density is ``lora:<r>``, one row
 per ``--rank``); ``frozen`` back-propagates through every layer without weight gradients, the floor
-for any adapter; ``full`` trains every weight.
+for any adapter; ``full`` trains every weight. Sparse rows also give the seconds of the step spent
+forming the values' gradient (``values_grad_s``): what the mask's structure decides.
 
 The sparse mask is ``--mask random`` (uniform scores: entries spread everywhere, the worst case) or
 ``--mask grad``: the global top-k of |mean gradient| scores of the real packaged model
@@ -293,20 +294,45 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class _ValuesGradTimer:
+    """Seconds spent forming the sparse values' gradient (GradPlan.values_grad) in this process: the
+    part of a sparse step above the frozen floor that the mask's structure decides."""
+
+    def __init__(self, device: str) -> None:
+        from speft.sparse.layer import GradPlan
+
+        self.seconds, self.device, inner = 0.0, device, GradPlan.values_grad
+
+        def timed(plan, g2, x2):
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = inner(plan, g2, x2)
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+            self.seconds += time.perf_counter() - t
+            return out
+
+        GradPlan.values_grad = timed
+
+
 def worker(args: argparse.Namespace) -> dict:
     method = args.worker
     model, params = build(args, method)
     model.train()
+    timer = _ValuesGradTimer(args.device) if method == "sparse" else None
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
     g = torch.Generator(device=args.device).manual_seed(0)
     ids = torch.randint(0, SHAPES[args.shape]["vocab_size"], (args.batch, args.seq), device=args.device, generator=g)
     inputs = batch_inputs(args, ids)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, wgrad = [], []
     for step in range(args.warmup + args.steps):
         if args.device == "cuda":
             torch.cuda.synchronize()
+        if timer:
+            timer.seconds = 0.0
         t0 = time.perf_counter()
         loss = model(**inputs).loss
         loss.backward()
@@ -317,6 +343,7 @@ def worker(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
+            wgrad.append(timer.seconds if timer else 0.0)
     if args.device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -328,7 +355,8 @@ def worker(args: argparse.Namespace) -> dict:
     if method in ("sparse", "lora"):
         row["rank"] = args.rank[0]
     if method == "sparse":
-        row.update(mask="grad" if args.mask_file else "random", **structure(model))
+        row.update(mask="grad" if args.mask_file else "random", values_grad_s=round(statistics.median(wgrad), 4),
+                   **structure(model))
     return row
 
 
@@ -381,6 +409,8 @@ def summarise(runs: list[dict]) -> dict:
     row = dict(ok[-1])
     row["step_s"] = round(statistics.median(r["step_s"] for r in ok), 4)
     row["peak_memory_mb"] = round(statistics.median(r["peak_memory_mb"] for r in ok), 1)
+    if "values_grad_s" in row:
+        row["values_grad_s"] = round(statistics.median(r["values_grad_s"] for r in ok), 4)
     row["repeats"] = len(ok)
     return row
 
@@ -393,9 +423,9 @@ def markdown_table(rows: list[dict]) -> str:
             return ", ".join(f"{k} {n}" for k, n in v.items())
         return "" if v is None else str(v)
 
-    keys = ["method", "rank", "mask", "step_s", "step_vs_lora", "step_vs_frozen", "peak_memory_mb",
+    keys = ["method", "rank", "mask", "step_s", "step_vs_lora", "step_vs_frozen", "values_grad_s", "peak_memory_mb",
             "memory_vs_lora", "structured_fraction", "plans"]
-    head = ["method", "rank", "mask", "step s", "× LoRA", "× frozen", "peak MB", "mem × LoRA",
+    head = ["method", "rank", "mask", "step s", "× LoRA", "× frozen", "values' grad s", "peak MB", "mem × LoRA",
             "structured fraction", "plans"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:

@@ -180,9 +180,11 @@ def test_values_gradient_equals_dense_path(kind, dtype, scaling):
 
 def test_plans_pick_the_mask_structure_and_compute_less_than_dense():
     kinds = {k: SparseDeltaLinear(nn.Linear(IN, OUT), mask(k)).plan for k in MASKS}
-    spread = SparseDeltaLinear(nn.Linear(IN, OUT), mask("random", k=3000)).plan
-    assert spread.kind == "dense" and spread.fraction == 1.0  # 3000 random entries touch every row and column
-    assert kinds["random"].fraction < 1.0  # 300 do not
+    spread = SparseDeltaLinear(nn.Linear(IN, OUT), mask("random", k=6000)).plan
+    assert spread.kind == "dense" and spread.fraction == 1.0  # 6000 random entries (19 %): the dense product
+    sampled = SparseDeltaLinear(nn.Linear(IN, OUT), mask("random", k=3000)).plan
+    assert sampled.kind == "sampled" and sampled.computed == 3000  # 9 %: one dot product per entry is cheaper
+    assert kinds["random"].fraction < 1.0  # 300 entries
     assert kinds["clustered"].kind == "rows_cols" and kinds["clustered"].computed == 12 * 15
     assert kinds["row_band"].kind in ("rows_cols", "row_bands") and kinds["row_band"].fraction <= 30 * IN / (OUT * IN)
     assert kinds["col_band"].kind in ("rows_cols", "col_bands") and kinds["col_band"].fraction <= 10 * OUT / (OUT * IN)
@@ -230,7 +232,7 @@ def test_plan_is_cached_and_rebuilt_when_a_dynamic_mask_changes_the_indices():
     torch.manual_seed(0)
     layer = SparseDeltaLinear(nn.Linear(IN, OUT), mask("clustered"))
     plan = layer.plan
-    assert layer.plan is plan and plan.idx.dtype == torch.int64  # int64 indices made once, not per call
+    assert layer.plan is plan and plan.idx.data_ptr() == layer.indices.data_ptr()  # its int32 buffer, no copy
     x, g = torch.randn(8, IN), torch.randn(8, OUT)
 
     def check():
@@ -262,6 +264,15 @@ def test_dense_weight_gradient_still_returned_with_a_structured_plan():
     assert rel_err(layer.values.grad, dense_reference(x, g, layer.indices.long(), 0.5)) <= 1e-6
 
 
+def test_the_sampled_product_is_offered_only_where_its_cost_was_measured(monkeypatch):
+    from speft.sparse import layer as sparse_layer
+
+    idx = mask("random", k=3000)
+    monkeypatch.setattr(sparse_layer, "SAMPLED_COST", {})  # as on CUDA today
+    assert "sampled" not in [p.kind for p, _ in candidate_plans(idx, (OUT, IN))]
+    assert SparseDeltaLinear(nn.Linear(IN, OUT), idx).plan.kind == "dense"
+
+
 @pytest.mark.parametrize("kind", ["random", "clustered", "row_band", "col_band", "single"])
 def test_every_candidate_structure_gives_the_dense_gradient(kind):
     torch.manual_seed(2)
@@ -269,7 +280,7 @@ def test_every_candidate_structure_gives_the_dense_gradient(kind):
     x, g = torch.randn(9, IN), torch.randn(9, OUT)
     ref = dense_reference(x, g, idx, 1.0)
     plans = candidate_plans(idx, (OUT, IN))
-    assert [p.kind for p, _ in plans] == ["dense", "rows_cols", "row_bands", "col_bands"]
+    assert [p.kind for p, _ in plans] == ["dense", "rows_cols", "row_bands", "col_bands", "sampled"]  # on CPU
     for plan, _ in plans:
         assert rel_err(plan.values_grad(g, x), ref) <= 1e-6, plan.kind
         rows = set((idx // IN).tolist())

@@ -8,14 +8,17 @@ updates are not rounded away in bf16) and unmerging restores W0 bit-exactly.
 In backward, the values' gradient is computed only where the mask lives: a :class:`GradPlan`, built
 once per index set (and again whenever a dynamic mask changes the indices), covers the selected
 entries with dense blocks (rows R × columns C of the whole layer, or per band of 64 rows or 64
-columns), and each block costs one small product Xᵀ[:, C]·G[:, R] over the tokens. Per layer the
-cheapest of these structures and the plain dense product is chosen; a layer with no selected entry
-pays nothing for a weight gradient. The base weight never gets a ``.grad``, unless it asks for one
+columns), and each block costs one small product Xᵀ[:, C]·G[:, R] over the tokens; or, on CPU, samples
+the product at the selected entries only (``torch.sparse.sampled_addmm``: one dot product over the
+tokens per entry, about 1/6 of a dense product's rate per entry but nothing computed elsewhere). Per
+layer the cheapest of these structures and the plain dense product is chosen; a layer with no
+selected entry pays nothing for a weight gradient. The base weight never gets a ``.grad``, unless it asks for one
 (salience scoring during training), when the dense gradient is formed and the values read from it.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +28,11 @@ from torch import nn
 BAND = 64  # rows (or columns) per band of the banded structures; measured on SmolLM2-135M gradient masks
 GATHER_COST = 16  # one gathered row/column of G or X costs about this many block entries (memory-bound copy)
 BLOCK_COST = 512  # fixed cost of one block product (call overhead, ~10 µs), in block entries
+# torch warns once that CSR tensors are "beta"; the sampled product is tested against the dense one here
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+# Per device type: one entry of the sampled product (a dot product over the tokens) costs about this many
+# dense-product entries; devices without a measured figure do not use it (CUDA: not measured yet).
+SAMPLED_COST = {"cpu": 6.0}
 
 
 @dataclass
@@ -41,32 +49,52 @@ class _Block:
 class GradPlan:
     """How the values' gradient is formed for one index set of an (out, in) weight."""
 
-    kind: str  # "empty", "dense", "rows_cols", "row_bands" or "col_bands"
-    idx: torch.Tensor  # int64 flat indices, in ``values`` order
+    kind: str  # "empty", "dense", "rows_cols", "row_bands", "col_bands" or "sampled"
+    idx: torch.Tensor  # flat indices in ``values`` order: the layer's own buffer (int32 where it fits), no copy
     blocks: list[_Block]
-    gather: torch.Tensor | None  # per value, its place among the blocks' concatenated entries (None: in order)
+    gather: torch.Tensor | None  # per value, its place among the computed entries (None: in order)
     computed: int  # entries of the products per token (out·in for dense)
     dense: int  # out·in
+    csr: tuple[torch.Tensor, torch.Tensor] | None = None  # "sampled": row offsets and columns, row-major
 
     @property
     def fraction(self) -> float:
         """Share of the dense weight gradient's entries the plan computes."""
         return self.computed / self.dense if self.dense else 0.0
 
+    @property
+    def active(self) -> bool:
+        """Whether there is a values' gradient to form (an empty plan needs neither X nor a product)."""
+        return self.kind != "empty"
+
     def values_grad(self, g2: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         """The gradient at the selected entries (in ``values`` order) from G (tokens, out), X (tokens, in)."""
-        if not self.blocks:
+        if self.csr is not None:
+            out = _sampled(self.csr, g2, x2)
+        elif not self.blocks:
             return g2.new_zeros(0)
-        parts = []
-        for b in self.blocks:
-            g = g2[:, b.rows] if isinstance(b.rows, slice) else g2.index_select(1, b.rows)
-            x = x2[:, b.cols] if isinstance(b.cols, slice) else x2.index_select(1, b.cols)
-            prod = x.t().mm(g) if b.transposed else g.t().mm(x)
-            parts.append(prod.view(-1).index_select(0, b.pos))
-        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        else:
+            parts = []
+            for b in self.blocks:
+                g = g2[:, b.rows] if isinstance(b.rows, slice) else g2.index_select(1, b.rows)
+                x = x2[:, b.cols] if isinstance(b.cols, slice) else x2.index_select(1, b.cols)
+                prod = x.t().mm(g) if b.transposed else g.t().mm(x)
+                parts.append(prod.view(-1).index_select(0, b.pos))
+            out = parts[0] if len(parts) == 1 else torch.cat(parts)
         if self.gather is not None:
             out = out.index_select(0, self.gather)
         return out
+
+
+def _sampled(csr: tuple[torch.Tensor, torch.Tensor], g2: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    """(Gᵀ·X) at the CSR pattern's entries, in row-major order: one dot product over the tokens per entry.
+    sampled_addmm takes fp32/fp64 only; bf16 inputs are widened (products accumulate in fp32 either way)."""
+    if g2.dtype not in (torch.float32, torch.float64):
+        g2, x2 = g2.float(), x2.float()
+    crow, col = csr
+    pattern = torch.sparse_csr_tensor(crow, col, g2.new_zeros(col.numel()), (g2.shape[1], x2.shape[1]),
+                                      check_invariants=False)
+    return torch.sparse.sampled_addmm(pattern, g2.t(), x2, beta=0.0).values()
 
 
 def _selector(touched: torch.Tensor, other: int) -> tuple[slice | torch.Tensor, int, int]:
@@ -114,16 +142,33 @@ def _banded(rows: torch.Tensor, cols: torch.Tensor, by_rows: bool) -> tuple[list
     return blocks, order, cost
 
 
+def _sampled_plan(idx: torch.Tensor, wide: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                  shape: tuple[int, int]) -> GradPlan:
+    """The CSR pattern of the entries (row-major, as the sampled product returns them) and, when the
+    indices are not sorted (after a regrow), each value's place in that order."""
+    out_f, in_f = shape
+    n = idx.numel()
+    order = torch.argsort(wide)
+    crow = torch.zeros(out_f + 1, dtype=torch.int64, device=idx.device)
+    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=out_f), 0)
+    gather = None if torch.equal(order, torch.arange(n, device=idx.device)) else _compact(torch.argsort(order), n)
+    bound = max(in_f, n)
+    return GradPlan("sampled", idx, [], gather, n, out_f * in_f,
+                    (_compact(crow, bound), _compact(cols[order], bound)))
+
+
 def candidate_plans(indices: torch.Tensor, shape: tuple[int, int]) -> list[tuple[GradPlan, int]]:
     """Every structure for these flat indices with its estimated cost: dense, rows × columns, row
-    bands and column bands (or only "empty" when there is no index)."""
+    bands, column bands and, on devices with a measured cost, the sampled product (or only "empty"
+    when there is no index). ``indices`` are kept as given (the layer's buffer) in each plan."""
     out_f, in_f = shape
     dense_n = out_f * in_f
-    idx = indices.reshape(-1).to(torch.int64)
+    idx = indices.reshape(-1)
     if idx.numel() == 0:
         return [(GradPlan("empty", idx, [], None, 0, dense_n), 0)]
     dense = GradPlan("dense", idx, [_Block(slice(None), slice(None), idx, out_f, in_f)], None, dense_n, dense_n)
-    rows, cols = torch.div(idx, in_f, rounding_mode="floor"), idx % in_f
+    wide = idx.to(torch.int64)
+    rows, cols = torch.div(wide, in_f, rounding_mode="floor"), wide % in_f
     blk, cost = _block(rows, cols)
     plans = [(dense, dense_n + BLOCK_COST), (GradPlan("rows_cols", idx, [blk], None, blk.n_rows * blk.n_cols,
                                                       dense_n), cost)]
@@ -133,11 +178,16 @@ def candidate_plans(indices: torch.Tensor, shape: tuple[int, int]) -> list[tuple
         gather = None if torch.equal(order, arange) else _compact(torch.argsort(order), idx.numel())
         plans.append((GradPlan("row_bands" if by_rows else "col_bands", idx, blocks, gather,
                                sum(b.n_rows * b.n_cols for b in blocks), dense_n), cost))
+    per_entry = SAMPLED_COST.get(idx.device.type)
+    if per_entry is not None:
+        # the kernel copies Gᵀ and Xᵀ to contiguous rows first: one gathered row per feature
+        cost = int(per_entry * idx.numel()) + GATHER_COST * (out_f + in_f) + BLOCK_COST
+        plans.append((_sampled_plan(idx, wide, rows, cols, shape), cost))
     return plans
 
 
 def build_plan(indices: torch.Tensor, shape: tuple[int, int]) -> GradPlan:
-    """The cheapest of dense, rows × columns, row bands and column bands for these flat indices."""
+    """The cheapest structure for these flat indices (see :func:`candidate_plans`)."""
     return min(candidate_plans(indices, shape), key=lambda pc: pc[1])[0]  # ties: the first (dense)
 
 
@@ -148,7 +198,7 @@ class _SparseDeltaLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, values, weight, bias, plan, scaling):
-        keep_x = weight.requires_grad or (values.requires_grad and plan.blocks)
+        keep_x = weight.requires_grad or (values.requires_grad and plan.active)
         ctx.save_for_backward(x if keep_x else None, weight)
         ctx.plan, ctx.scaling = plan, scaling
         return F.linear(x, weight, bias)
@@ -166,7 +216,7 @@ class _SparseDeltaLinear(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 grad_values = grad_weight.view(-1).index_select(0, plan.idx).float()
         elif ctx.needs_input_grad[1]:
-            if plan.blocks:
+            if plan.active:
                 grad_values = plan.values_grad(g2, x.reshape(-1, x.shape[-1])).float()
             else:
                 grad_values = torch.zeros(0, dtype=torch.float32, device=grad_out.device)
@@ -183,7 +233,7 @@ class _SparseDelta(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, values, plan, shape, scaling):
-        ctx.save_for_backward(x if plan.blocks else None, values)
+        ctx.save_for_backward(x if plan.active else None, values)
         ctx.plan, ctx.shape, ctx.scaling = plan, shape, scaling
         return F.linear(x, _dense(values, plan.idx, shape, scaling, x.dtype))
 
@@ -195,7 +245,7 @@ class _SparseDelta(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad_out @ _dense(values, plan.idx, ctx.shape, ctx.scaling, grad_out.dtype)
         if ctx.needs_input_grad[1]:
-            if plan.blocks:
+            if plan.active:
                 g2 = grad_out.reshape(-1, grad_out.shape[-1])
                 grad_values = plan.values_grad(g2, x.reshape(-1, x.shape[-1])).float().mul_(ctx.scaling)
             else:
@@ -205,7 +255,8 @@ class _SparseDelta(torch.autograd.Function):
 
 def _dense(values, indices, shape, scaling, dtype) -> torch.Tensor:
     d = torch.zeros(shape[0] * shape[1], dtype=dtype, device=values.device)
-    return d.index_copy_(0, indices, (scaling * values).to(dtype)).view(shape)
+    d[indices] = (scaling * values).to(dtype)  # indexing takes int32 indices (index_copy_ wants int64)
+    return d.view(shape)
 
 
 def index_dtype(numel: int) -> torch.dtype:
@@ -255,7 +306,7 @@ class SparseDeltaLinear(nn.Module):
 
     @property
     def plan(self) -> GradPlan:
-        """The backward plan (and int64 indices) of the current ``indices``; rebuilt whenever they change
+        """The backward plan of the current ``indices``; rebuilt whenever they change
         (a reselect assigns new ones, a regrow or a state-dict load writes them in place)."""
         key = (self.indices.data_ptr(), self.indices._version, self.indices.device)
         if self._plan_key != key:
@@ -270,14 +321,14 @@ class SparseDeltaLinear(nn.Module):
         if self._synced == self.values._version:
             return
         merged = self.base_values.float() + self.scaling * self.values
-        self.base.weight.view(-1).index_copy_(0, self.plan.idx, merged.to(self.base.weight.dtype))
+        self.base.weight.view(-1)[self.indices] = merged.to(self.base.weight.dtype)
         self._synced = self.values._version
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Restore the pretrained weight exactly (also after reselections merged earlier deltas)."""
         w = self.base.weight.view(-1)
-        w.index_copy_(0, self.plan.idx, self.base_values)
+        w[self.indices] = self.base_values
         if self._origin is not None:
             w.index_copy_(0, self._origin[0], self._origin[1])
         self._synced = None

@@ -1,0 +1,73 @@
+"""Each candidate structure of the values' gradient timed on every target layer of the stored grad masks
+(one thread, min of 3 after a warm-up), against the cost model's estimate: checks the per-layer choice
+and fits the sampled product's per-entry cost (SAMPLED_COST in speft/sparse/layer.py).
+
+Usage: python experiments/efficiency/plan_costs.py <masks file> [<masks file> ...]
+(files written by ``speft.bench --masks-file``; SmolLM2-135M and MiniLM shapes). One JSON line per file and rank.
+"""
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from speft.bench import SHAPES, shape_defaults
+from speft.sparse.layer import candidate_plans
+
+torch.set_num_threads(1)
+
+
+def layer_shape(shape: str, name: str) -> tuple[int, int]:
+    cfg = SHAPES[shape]
+    h, i = cfg["hidden_size"], cfg["intermediate_size"]
+    kv = h // cfg["num_attention_heads"] * cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    table = {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h), "gate_proj": (i, h),
+             "up_proj": (i, h), "down_proj": (h, i), "query": (h, h), "key": (h, h), "value": (h, h),
+             "dense": (h, h)}
+    return table[name.rsplit(".", 1)[-1]]
+
+
+def best_time(fn) -> float:
+    fn()
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+for path in sys.argv[1:]:
+    saved = torch.load(path)
+    shape = saved["key"]["shape"]
+    _, _, batch, seq, _ = shape_defaults(shape)
+    tokens = saved["key"]["batch"] * saved["key"]["seq"]
+    g = torch.Generator().manual_seed(0)
+    data = {}
+    for r in sorted(saved["masks"]):
+        chosen = fastest = dense = no_sampled = 0.0
+        ratios = []
+        for name, idx in saved["masks"][r].items():
+            s = layer_shape(shape, name)
+            if s not in data:
+                data[s] = (torch.randn(tokens, s[0], generator=g), torch.randn(tokens, s[1], generator=g))
+            gg, xx = data[s]
+            cands = candidate_plans(idx.to(torch.int32), s)
+            times = [best_time(lambda p=p, gg=gg, xx=xx: p.values_grad(gg, xx)) for p, _ in cands]
+            costs = [c for _, c in cands]
+            chosen += times[costs.index(min(costs))]
+            fastest += min(times)
+            dense += times[0]
+            old = [c for (p, c) in cands if p.kind != "sampled"]
+            no_sampled += times[costs.index(min(old))]
+            kinds = [p.kind for p, _ in cands]
+            if "sampled" in kinds:  # one sampled entry's time in dense-product entries of this layer
+                ratios.append(times[kinds.index("sampled")] / idx.numel() / (times[0] / (s[0] * s[1])))
+        print(json.dumps({"shape": shape, "tokens": tokens, "rank": r, "dense_s": round(dense, 4),
+                          "chosen_s": round(chosen, 4), "chosen_without_sampled_s": round(no_sampled, 4),
+                          "fastest_per_layer_s": round(fastest, 4),
+                          "chosen_vs_fastest": round(chosen / fastest, 3),
+                          "sampled_entry_cost": {"median": round(statistics.median(ratios), 2),
+                                                 "min": round(min(ratios), 2), "max": round(max(ratios), 2)}}),
+              flush=True)
