@@ -8,12 +8,13 @@ updates are not rounded away in bf16) and unmerging restores W0 bit-exactly.
 In backward, the values' gradient is computed only where the mask lives: a :class:`GradPlan`, built
 once per index set (and again whenever a dynamic mask changes the indices), covers the selected
 entries with dense blocks (rows R × columns C of the whole layer, or per band of 64 rows or 64
-columns), and each block costs one small product Xᵀ[:, C]·G[:, R] over the tokens; or, on CPU, samples
-the product at the selected entries only (``torch.sparse.sampled_addmm``: one dot product over the
-tokens per entry, about 1/6 of a dense product's rate per entry but nothing computed elsewhere). Per
-layer the cheapest of these structures and the plain dense product is chosen; a layer with no
-selected entry pays nothing for a weight gradient. The base weight never gets a ``.grad``, unless it asks for one
-(salience scoring during training), when the dense gradient is formed and the values read from it.
+columns), and each block costs one small product Xᵀ[:, C]·G[:, R] over the tokens; or, on CPU, the
+product is sampled at the selected entries only (``torch.sparse.sampled_addmm``: one dot product over
+the tokens per entry, about 1/6 of a dense product's rate per entry but nothing computed elsewhere).
+Per layer the cheapest of these structures and the plain dense product is chosen; a layer with no
+selected entry pays nothing for a weight gradient. The base weight never gets a ``.grad``, unless it
+asks for one (salience scoring during training), when the dense gradient is formed and the values
+read from it.
 """
 
 from __future__ import annotations
