@@ -182,3 +182,35 @@ def test_peak_memory_is_the_workers_own_not_its_parents():
                                  env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout)
     assert 10 < child < 900, child  # torch imported, nothing of the parent's gigabyte
     del big
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_values_gradient_timer_sums_each_call_and_never_synchronises_a_cuda_step(device, monkeypatch):
+    from speft.bench import _ValuesGradTimer
+    from speft.sparse import layer as sparse_layer
+
+    monkeypatch.setattr(sparse_layer.GradPlan, "values_grad", sparse_layer.GradPlan.values_grad)  # restored after
+
+    class FakeEvent:  # CUDA events on CPU: each record advances a clock by 0.25 ms
+        clock = 0.0
+
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            FakeEvent.clock += 0.25
+            self.t = FakeEvent.clock
+
+        def elapsed_time(self, end):
+            return end.t - self.t
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: pytest.fail("the timer synchronised the step"))
+    timer = _ValuesGradTimer(device)
+    plan = sparse_layer.build_plan(torch.tensor([0, 5]), (4, 4))
+    g, x = torch.randn(3, 4), torch.randn(3, 4)
+    torch.testing.assert_close(plan.values_grad(g, x), (g.t() @ x).view(-1)[[0, 5]])  # the wrapped result
+    plan.values_grad(g, x)
+    seconds = timer.take()
+    assert (seconds == pytest.approx(2 * 0.25e-3)) if device == "cuda" else 0 < seconds < 1
+    assert timer.take() == 0  # each take starts a new span
