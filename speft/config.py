@@ -199,6 +199,10 @@ class Budget:
 
 COMPONENT_GROUPS = ("task", "method", "metric", "mask", "logger")
 RESUME_MODES = ("auto", "never")
+# Config keys (dotted) that do not change what a run computes: a resume, skip_completed's reuse of a
+# result and the report's "same config" check all leave them out.
+NON_COMPUTING_KEYS = ("skip_completed", "resume", "trainer.checkpoint_every_steps",
+                      "trainer.checkpoint_every_minutes", "trainer.keep_checkpoints")
 
 
 @dataclass

@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 
+from speft.config import NON_COMPUTING_KEYS
 from speft.report.collect import (
     SALIENCE_GROUPS,
     ReportError,
@@ -277,9 +278,7 @@ def mixed_cell_notes(df: pd.DataFrame, long: pd.DataFrame, rows: list[str], cols
     done = long[long["status"] == "completed"]
     ignore = {"run", "status", "error", "metrics", "best_metrics", "mask_modules", "mask_final_modules",
               "paths.data_dir", "paths.cache_dir", "scoring.path", "scoring.cache", "trainable_fraction",
-              "trainable_params", "total_params", "train_steps", "skip_completed", "logger.name",
-              "resume", "trainer.checkpoint_every_steps", "trainer.checkpoint_every_minutes",
-              "trainer.keep_checkpoints"}  # checkpointing does not change what a run computes
+              "trainable_params", "total_params", "train_steps", "logger.name", *NON_COMPUTING_KEYS}
     ignore |= {c for c in df.columns if c.startswith(("timings.", "peak_memory_mb."))}
     notes = []
     for (r, c), group in done.groupby(["row", "col"], sort=False):

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from speft.config import NON_COMPUTING_KEYS
 from speft.registry import ConfigError
 from speft.results import atomic_write
 
@@ -35,9 +36,6 @@ log = logging.getLogger(__name__)
 
 FOLDER = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8})\.json$")
-# Config keys that do not change what a run computes: a resume may change them.
-IGNORED_KEYS = ("skip_completed", "resume", "trainer.checkpoint_every_steps", "trainer.checkpoint_every_minutes",
-                "trainer.keep_checkpoints")
 
 
 class CheckpointError(ConfigError):
@@ -109,7 +107,7 @@ def previous_hint(meta: Path) -> str:
     return f" ({older[-1].with_suffix('.pt').name})" if older else " (there is none: the run would start over)"
 
 
-def differing_keys(old: dict, new: dict, ignore: tuple[str, ...] = IGNORED_KEYS) -> list[str]:
+def differing_keys(old: dict, new: dict, ignore: tuple[str, ...] = NON_COMPUTING_KEYS) -> list[str]:
     """Dotted keys whose values differ between two resolved configs (``ignore``d keys left out)."""
     def flat(d: Any, prefix: str = "") -> dict[str, Any]:
         if not isinstance(d, dict):
