@@ -175,8 +175,7 @@ def _run(plan: Plan, dist: Dist, run_dir: Path, run_name: str, sweep_dir: str | 
         return RunResult(metrics=metrics, results=data, model=model)
     except Interrupted as e:  # a checkpoint is written: rerunning the same command resumes
         timings["total_s"] = time.perf_counter() - t_start
-        record.update(timings={k: round(v, 3) for k, v in timings.items()},
-                      interrupted={"signal": signal_name(e.signum), "step": e.step, "checkpoint": str(e.path)})
+        record.update(timings={k: round(v, 3) for k, v in timings.items()}, interrupted=e.record())
         data = record.finish("interrupted")
         logger.finish(data)
         log.warning("%s; run the same command into %s to resume", e, run_dir)
@@ -191,12 +190,6 @@ def _run(plan: Plan, dist: Dist, run_dir: Path, run_name: str, sweep_dir: str | 
         except Exception:  # noqa: BLE001 - the original error matters more
             log.exception("logger failed while finishing")
         raise
-
-
-def signal_name(signum: int) -> str:
-    import signal
-
-    return signal.Signals(signum).name
 
 
 def record_refusal(cfg: DictConfig, run_dir: Path, error: BaseException) -> None:

@@ -49,6 +49,10 @@ class Interrupted(Exception):
         super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}; checkpoint {path}")
         self.signum, self.step, self.path = signum, step, path
 
+    def record(self) -> dict:
+        """results.json's ``interrupted``: the signal's name, the step and the checkpoint written."""
+        return {"signal": signal.Signals(self.signum).name, "step": self.step, "checkpoint": str(self.path)}
+
 
 def folder(run_dir: Path) -> Path:
     return Path(run_dir) / FOLDER
