@@ -133,6 +133,16 @@ def random_model(args: argparse.Namespace):
         return cls(config).to(getattr(torch, args.dtype))
 
 
+def target_layer_shapes(shape: str) -> dict[str, tuple[int, int]]:
+    """(out, in) of each default target module of a bench shape, from its model built on the meta device
+    (no memory, no initialisation): what the stored grad masks of that shape index."""
+    from speft.models.loading import find_targets, target_shapes
+
+    args = parse_args([f"--shape={shape}", "--device=cpu"])
+    args.device = "meta"
+    return target_shapes(find_targets(random_model(args), args.family, args.targets, None))
+
+
 def batch_inputs(args: argparse.Namespace, ids: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
     if args.family == "bert":
         if labels is None:
@@ -294,7 +304,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-class _ValuesGradTimer:
+class ValuesGradTimer:
     """Seconds spent forming the sparse values' gradient (GradPlan.values_grad) in this process: the
     part of a sparse step above the frozen floor that the mask's structure decides. On CUDA each call
     is bracketed by events, not synchronisations, so the step stays asynchronous."""
@@ -329,7 +339,7 @@ def worker(args: argparse.Namespace) -> dict:
     method = args.worker
     model, params = build(args, method)
     model.train()
-    timer = _ValuesGradTimer(args.device) if method == "sparse" else None
+    timer = ValuesGradTimer(args.device) if method == "sparse" else None
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
     g = torch.Generator(device=args.device).manual_seed(0)
     ids = torch.randint(0, SHAPES[args.shape]["vocab_size"], (args.batch, args.seq), device=args.device, generator=g)

@@ -186,7 +186,7 @@ def test_peak_memory_is_the_workers_own_not_its_parents():
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_values_gradient_timer_sums_each_call_and_never_synchronises_a_cuda_step(device, monkeypatch):
-    from speft.bench import _ValuesGradTimer
+    from speft.bench import ValuesGradTimer
     from speft.sparse import layer as sparse_layer
 
     monkeypatch.setattr(sparse_layer.GradPlan, "values_grad", sparse_layer.GradPlan.values_grad)  # restored after
@@ -206,7 +206,7 @@ def test_values_gradient_timer_sums_each_call_and_never_synchronises_a_cuda_step
 
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: pytest.fail("the timer synchronised the step"))
-    timer = _ValuesGradTimer(device)
+    timer = ValuesGradTimer(device)
     plan = sparse_layer.build_plan(torch.tensor([0, 5]), (4, 4))
     g, x = torch.randn(3, 4), torch.randn(3, 4)
     torch.testing.assert_close(plan.values_grad(g, x), (g.t() @ x).view(-1)[[0, 5]])  # the wrapped result
@@ -214,3 +214,11 @@ def test_values_gradient_timer_sums_each_call_and_never_synchronises_a_cuda_step
     seconds = timer.take()
     assert (seconds == pytest.approx(2 * 0.25e-3)) if device == "cuda" else 0 < seconds < 1
     assert timer.take() == 0  # each take starts a new span
+
+
+def test_target_layer_shapes_are_the_targets_of_the_shapes_model():
+    from speft.bench import target_layer_shapes
+
+    shapes = target_layer_shapes("tiny")  # 2 layers of q,k,v,o,gate,up,down
+    assert sorted(shapes.values()) == sorted(TINY_SHAPES * 2)
+    assert "model.layers.1.mlp.down_proj" in shapes

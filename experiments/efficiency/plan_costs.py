@@ -12,20 +12,10 @@ import time
 
 import torch
 
-from speft.bench import SHAPES, shape_defaults
+from speft.bench import target_layer_shapes
 from speft.sparse.layer import candidate_plans
 
 torch.set_num_threads(1)
-
-
-def layer_shape(shape: str, name: str) -> tuple[int, int]:
-    cfg = SHAPES[shape]
-    h, i = cfg["hidden_size"], cfg["intermediate_size"]
-    kv = h // cfg["num_attention_heads"] * cfg.get("num_key_value_heads", cfg["num_attention_heads"])
-    table = {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h), "gate_proj": (i, h),
-             "up_proj": (i, h), "down_proj": (h, i), "query": (h, h), "key": (h, h), "value": (h, h),
-             "dense": (h, h)}
-    return table[name.rsplit(".", 1)[-1]]
 
 
 def best_time(fn) -> float:
@@ -41,7 +31,7 @@ def best_time(fn) -> float:
 for path in sys.argv[1:]:
     saved = torch.load(path)
     shape = saved["key"]["shape"]
-    _, _, batch, seq, _ = shape_defaults(shape)
+    shapes = target_layer_shapes(shape)
     tokens = saved["key"]["batch"] * saved["key"]["seq"]
     g = torch.Generator().manual_seed(0)
     data = {}
@@ -49,7 +39,7 @@ for path in sys.argv[1:]:
         chosen = fastest = dense = no_sampled = 0.0
         ratios = []
         for name, idx in saved["masks"][r].items():
-            s = layer_shape(shape, name)
+            s = shapes[name]
             if s not in data:
                 data[s] = (torch.randn(tokens, s[0], generator=g), torch.randn(tokens, s[1], generator=g))
             gg, xx = data[s]

@@ -23,7 +23,7 @@ model, params = bench.build(args, "sparse")
 model.train()
 optimizer = torch.optim.AdamW(params, lr=1e-4)
 inputs = bench.batch_inputs(args, torch.randint(0, 49152, (4, 128), generator=torch.Generator().manual_seed(0)))
-timer = bench._ValuesGradTimer("cpu")
+timer = bench.ValuesGradTimer("cpu")
 layers = list(sparse_layer.sparse_layers(model).values())
 measured = {"sampled": [], "without_sampled": []}
 with_cost = dict(sparse_layer.SAMPLED_COST)

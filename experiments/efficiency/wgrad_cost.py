@@ -8,20 +8,12 @@ import time
 
 import torch
 
-from speft.bench import SHAPES
+from speft.bench import target_layer_shapes
 from speft.sparse.layer import build_plan, candidate_plans
 
 torch.set_num_threads(1)
 saved = torch.load(sys.argv[1])["masks"]
-cfg = SHAPES["smollm2-135m"]
-shapes = {}
-h, i = cfg["hidden_size"], cfg["intermediate_size"]
-kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
-for layer in range(cfg["num_hidden_layers"]):
-    for n, s in {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h)}.items():
-        shapes[f"model.layers.{layer}.self_attn.{n}"] = s
-    for n, s in {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}.items():
-        shapes[f"model.layers.{layer}.mlp.{n}"] = s
+shapes = target_layer_shapes("smollm2-135m")
 T = 512
 g = torch.Generator().manual_seed(0)
 data = {s: (torch.randn(T, s[0], generator=g), torch.randn(T, s[1], generator=g)) for s in set(shapes.values())}
