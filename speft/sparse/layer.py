@@ -123,6 +123,13 @@ def _block(rows: torch.Tensor, cols: torch.Tensor) -> tuple[_Block, int]:
     return _Block(rsel, csel, _compact(ci * nr + ri, nr * nc), nr, nc, True), cost
 
 
+def _places(order: torch.Tensor) -> torch.Tensor | None:
+    """Each value's place among entries computed in ``order`` (the inverse permutation); None when the
+    order is the values' own."""
+    n = order.numel()
+    return None if torch.equal(order, torch.arange(n, device=order.device)) else _compact(torch.argsort(order), n)
+
+
 def _compact(index: torch.Tensor, bound: int) -> torch.Tensor:
     """int32 when every value fits (index_select takes either; half the memory of int64)."""
     return index.to(torch.int32) if bound <= torch.iinfo(torch.int32).max else index
@@ -152,9 +159,8 @@ def _sampled_plan(idx: torch.Tensor, wide: torch.Tensor, rows: torch.Tensor, col
     order = torch.argsort(wide)
     crow = torch.zeros(out_f + 1, dtype=torch.int64, device=idx.device)
     crow[1:] = torch.cumsum(torch.bincount(rows, minlength=out_f), 0)
-    gather = None if torch.equal(order, torch.arange(n, device=idx.device)) else _compact(torch.argsort(order), n)
     bound = max(in_f, n)
-    return GradPlan("sampled", idx, [], gather, n, out_f * in_f,
+    return GradPlan("sampled", idx, [], _places(order), n, out_f * in_f,
                     (_compact(crow, bound), _compact(cols[order], bound)))
 
 
@@ -173,11 +179,9 @@ def candidate_plans(indices: torch.Tensor, shape: tuple[int, int]) -> list[tuple
     blk, cost = _block(rows, cols)
     plans = [(dense, dense_n + BLOCK_COST), (GradPlan("rows_cols", idx, [blk], None, blk.n_rows * blk.n_cols,
                                                       dense_n), cost)]
-    arange = torch.arange(idx.numel(), device=idx.device)
     for by_rows in (True, False):
         blocks, order, cost = _banded(rows, cols, by_rows)
-        gather = None if torch.equal(order, arange) else _compact(torch.argsort(order), idx.numel())
-        plans.append((GradPlan("row_bands" if by_rows else "col_bands", idx, blocks, gather,
+        plans.append((GradPlan("row_bands" if by_rows else "col_bands", idx, blocks, _places(order),
                                sum(b.n_rows * b.n_cols for b in blocks), dense_n), cost))
     per_entry = SAMPLED_COST.get(idx.device.type)
     if per_entry is not None:
