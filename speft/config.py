@@ -73,6 +73,9 @@ class TrainerConfig:
     group_by_length: bool = True  # batches of similar lengths: less padding, same examples per epoch
     lr: float = 1e-3  # learning rate of the sparse values (and baselines' adapters)
     head_lr: Optional[float] = None  # learning rate of a trained head; null = lr
+    # Steps that train a new task head alone (AdamW at head_lr, then reset) before the method is prepared, so
+    # salience is scored through a trained head; 0 = the released code: scored through the fresh head.
+    head_warmup_steps: int = 0
     weight_decay: float = 0.0  # decay of a sparse delta pulls it towards the pretrained weight
     scheduler: str = "linear"  # transformers.get_scheduler name
     warmup_ratio: float = 0.0  # fraction of steps with linear warm-up
@@ -91,7 +94,7 @@ class TrainerConfig:
         check_positive(self, "trainer", "max_steps", allow_zero=True)
         check_positive(self, "trainer", "lr", "head_lr", "log_every_steps")
         check_positive(self, "trainer", "eval_every_steps", "max_grad_norm", "num_threads")
-        check_positive(self, "trainer", "weight_decay", allow_zero=True)
+        check_positive(self, "trainer", "weight_decay", "head_warmup_steps", allow_zero=True)
         check_positive(self, "trainer", "checkpoint_every_steps", "checkpoint_every_minutes", "keep_checkpoints")
         check(0 <= self.warmup_ratio < 1, f"trainer.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
         check_choice("trainer.scheduler", self.scheduler, SCHEDULERS)

@@ -23,7 +23,8 @@ from speft.distributed import Dist, DistributedError, ShardCollate, mask_digest
 from speft.loggers.base import RunLogger
 from speft.masks.base import MaskRuntime
 from speft.methods.base import PrepareContext, Prepared, count
-from speft.models.loading import build_meta_model, find_targets, load_model, load_tokenizer, target_shapes
+from speft.models.loading import (build_meta_model, find_targets, head_parameters, load_model, load_tokenizer,
+                                  target_shapes)
 from speft.registry import ConfigError
 from speft.results import RunRecord, completed_result, read_result, timed
 from speft.salience.scorer import Scorer
@@ -273,6 +274,8 @@ def _execute(plan: Plan, run_dir: Path, logger, record: RunRecord, timings: dict
     state = RunState(spec, plan.task, run_dir, record, timings, dist.device(device_for(spec.trainer.device)),
                      config=plan.config, resume=plan.resume, stop=stop, logger=logger, dist=dist)
     load_data_and_model(state)
+    if spec.trainer.head_warmup_steps:
+        warm_up_head(state)
     scorer = build_scorer(state, metric) if method.uses_salience else None
     prepared = make_trainable(state, method, mask, scorer, k, plan.shapes)
     check_same_mask(state)
@@ -307,6 +310,43 @@ def load_data_and_model(state: RunState) -> None:
     if spec.trainer.gradient_checkpointing:
         state.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     state.targets = find_targets(state.model, spec.model.family, spec.method.targets, spec.method.target_regex)
+
+
+def warm_up_head(state: RunState) -> None:
+    """Train the new task head alone for ``trainer.head_warmup_steps`` (AdamW at the head's learning rate, no
+    schedule, its own seeded data order), so that salience is scored through a trained head. Every method
+    then starts from this head; the body stays as loaded."""
+    spec, model = state.spec, state.model
+    if not state.task.new_head:
+        raise ConfigError(f"trainer.head_warmup_steps={spec.trainer.head_warmup_steps}: task={spec.task.name} "
+                          f"keeps its pretrained head; there is no new head to warm up")
+    head = list(head_parameters(model, spec.model.family).values())
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in head:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(head, lr=spec.trainer.head_lr or spec.trainer.lr, weight_decay=0.0)
+    loader = train_dataloader(state.encoded["train"], spec.trainer, state.collate, spec.seed + 1)
+    was_training = model.training
+    model.train()
+    step, losses = 0, []
+    with timed(state.timings, "head_warmup_s"):
+        while step < spec.trainer.head_warmup_steps:
+            for batch in loader:
+                loss = model(**{k: v.to(state.device) for k, v in batch.items()}).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                step += 1
+                if step == spec.trainer.head_warmup_steps:
+                    break
+    model.train(was_training)
+    for p, flag in flags.items():
+        p.requires_grad_(flag)
+    state.record.update(head_warmup={"steps": step, "loss_first": losses[0], "loss_last": losses[-1]})
+    log.info("head warm-up: %d steps, loss %.4f -> %.4f", step, losses[0], losses[-1])
 
 
 def build_scorer(state: RunState, metric) -> Scorer:

@@ -21,11 +21,19 @@ class TaskConfig:
     # A cap on train takes the first N rows in file order; with a seed, the first N of a seeded
     # shuffle: a fixed random subset, the same for every run seed (and nested as N grows).
     subset_seed: Optional[int] = None
+    # Tuning without the reported split: hold out N training examples (the last N of the subset_seed
+    # shuffle, seed 0 when null; disjoint from every capped training subset of that shuffle) as the
+    # one evaluation split, `heldout`; the task's own evaluation splits (GLUE's dev set) are not read.
+    heldout_examples: Optional[int] = None
     max_length: int = 128  # tokens per example after truncation (short texts; GLUE presets: 196, LM tasks: 512)
     eval_batch_size: int = 256  # examples per evaluation batch: no activations kept, so larger than training
 
     def __post_init__(self) -> None:
-        check_positive(self, "task", "max_train_examples", "max_eval_examples", "max_length", "eval_batch_size")
+        check_positive(self, "task", "max_train_examples", "max_eval_examples", "max_length", "eval_batch_size",
+                       "heldout_examples")
+
+
+HELDOUT = "heldout"  # the evaluation split held out of the training data (task.heldout_examples)
 
 
 class DataError(ValueError):
@@ -47,6 +55,9 @@ class ClassificationTask:
     def __init__(self, cfg: TaskConfig, data_dir: Any = None) -> None:
         self.cfg = cfg
         self.data_dir = data_dir
+        if cfg.heldout_examples:  # the held-out training examples replace the evaluation splits
+            self.eval_splits = (HELDOUT,)
+            self.validation_split = HELDOUT
 
     @property
     def num_labels(self) -> int:
@@ -57,8 +68,11 @@ class ClassificationTask:
         raise NotImplementedError
 
     def splits(self) -> dict[str, list[dict]]:
-        """The splits, capped by ``max_train_examples`` and ``max_eval_examples``."""
+        """The splits, capped by ``max_train_examples`` and ``max_eval_examples``; with ``heldout_examples``,
+        the training split and the examples held out of it (``heldout``) only."""
         out = self.load_splits()
+        if self.cfg.heldout_examples:
+            out = dict(zip(("train", HELDOUT), self.hold_out(out["train"])))
         for name, rows in out.items():
             if name == "train":
                 out[name] = self.train_subset(rows)
@@ -66,15 +80,35 @@ class ClassificationTask:
                 out[name] = rows[: self.cfg.max_eval_examples]
         return out
 
+    def shuffled(self, n: int) -> list[int]:
+        """Row positions in the order of the ``subset_seed`` shuffle (seed 0 when null)."""
+        order = list(range(n))
+        random.Random(self.cfg.subset_seed or 0).shuffle(order)
+        return order
+
+    def hold_out(self, rows: list[dict]) -> tuple[list[dict], list[dict]]:
+        """(the rest, the held-out rows): the last ``heldout_examples`` of the shuffle. A seeded cap takes the
+        first N of the same shuffle, so the training subset is the one a run without held-out examples gets."""
+        n, cap = self.cfg.heldout_examples, self.cfg.max_train_examples or 0
+        if n + max(cap, 1) > len(rows):
+            raise DataError(f"task.heldout_examples={n} plus task.max_train_examples={cap or 'all'} exceed the "
+                            f"{len(rows)} training examples of task={self.cfg.name}; hold out at most "
+                            f"{len(rows) - max(cap, 1)}")
+        order = self.shuffled(len(rows))
+        keep, held = order[: len(rows) - n], sorted(order[len(rows) - n:])
+        if self.cfg.subset_seed is None:  # an unseeded cap takes the first N rows in file order
+            keep = sorted(keep)
+        return [rows[i] for i in keep], [rows[i] for i in held]
+
     def train_subset(self, rows: list[dict]) -> list[dict]:
         """The capped training split: the first N rows, or the first N of a ``subset_seed`` shuffle."""
         cap = self.cfg.max_train_examples
         if cap is None or cap >= len(rows):
             return rows
         if self.cfg.subset_seed is not None:
-            order = list(range(len(rows)))
-            random.Random(self.cfg.subset_seed).shuffle(order)
-            return [rows[i] for i in order[:cap]]
+            if self.cfg.heldout_examples:  # hold_out already put the rows in the shuffle's order
+                return rows[:cap]
+            return [rows[i] for i in self.shuffled(len(rows))[:cap]]
         return rows[:cap]
 
     def encode(self, tokenizer, rows: list[dict], max_length: int | None = None) -> list[dict]:

@@ -72,6 +72,12 @@ class CausalLMTask(ClassificationTask):
     validation_split = "test"
     train_sources: dict[str, Any] = {}  # train_data name -> loader method name
 
+    def __init__(self, cfg: TaskConfig, data_dir: Any = None) -> None:
+        check(not cfg.heldout_examples, f"task.heldout_examples={cfg.heldout_examples}: held-out training examples "
+                                        f"are an evaluation split of classification tasks; task={cfg.name} is "
+                                        f"evaluated on its test problems (cap them with task.max_eval_examples)")
+        super().__init__(cfg, data_dir)
+
     @property
     def num_labels(self) -> None:  # type: ignore[override]
         return None
