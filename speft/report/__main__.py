@@ -3,10 +3,13 @@
     python -m speft.report experiments/mini_study/runs --filter mask.name=static --rows metric.name
     python -m speft.report runs/ --value best --out tables/glue --figures figures/
     python -m speft.report wandb:my-team/speft --cols task.name --scale 100
+    python -m speft.report runs/ --interval ci95 --paired sparse/grad --out tables/a
 
 Prints the Markdown table; --out PREFIX writes PREFIX.md, PREFIX.tex and PREFIX.csv; --figures DIR
 writes every figure the runs support (PNG and PDF). --keys lists the keys usable in --rows, --cols
-and --filter. Filters on metric.* and mask.* keys keep the runs of methods without a salience mask
+and --filter. --interval ci95 shows each cell's 95 % t interval instead of its std; --paired ROW adds
+every other row's paired difference from ROW (matched task and seed: mean, bootstrap interval,
+sign-flip p-value) to the Markdown and LaTeX outputs and as PREFIX_paired.csv. Filters on metric.* and mask.* keys keep the runs of methods without a salience mask
 (LoRA, full), whose metric and mask settings are unused: add --filter method.name=sparse to drop them.
 """
 
@@ -17,7 +20,18 @@ import sys
 from pathlib import Path
 
 from speft.report.collect import ReportError, available_keys, load_records
-from speft.report.tables import DEFAULT_COLS, FACTORS, pivot, to_csv, to_latex, to_markdown
+from speft.report.tables import (
+    DEFAULT_COLS,
+    FACTORS,
+    INTERVALS,
+    paired_csv,
+    paired_latex,
+    paired_markdown,
+    pivot,
+    to_csv,
+    to_latex,
+    to_markdown,
+)
 
 PROG = "python -m speft.report"
 
@@ -43,6 +57,9 @@ def parser() -> argparse.ArgumentParser:
                    help="keep runs whose KEY equals VALUE (a comma list: any of them; KEY!=VALUE: exclude); repeatable")
     p.add_argument("--scale", type=float, default=100.0, help="multiply values (default 100: percent)")
     p.add_argument("--digits", type=int, help="decimals (default 2 in percent, else 4)")
+    p.add_argument("--interval", choices=tuple(INTERVALS), default="std",
+                   help="what a cell's ± shows: the sample std (default) or the 95 %% t interval of the mean")
+    p.add_argument("--paired", metavar="ROW", help="add each row's paired difference from ROW (e.g. sparse/grad)")
     p.add_argument("--no-average", dest="average", action="store_false", help="no Average column")
     p.add_argument("--out", type=Path, metavar="PREFIX", help="write PREFIX.md, PREFIX.tex and PREFIX.csv")
     p.add_argument("--figures", type=Path, metavar="DIR", help="write the figures the runs support (PNG, PDF)")
@@ -62,12 +79,16 @@ def main(argv: list[str] | None = None) -> None:
             print("\n".join(available_keys(df)))
             return
         table = pivot(df, rows=args.rows, cols=args.cols, value=args.value, metric=args.metric, scale=args.scale,
-                      filters=args.filter, digits=args.digits, average=args.average)
-        md = to_markdown(table)
+                      filters=args.filter, digits=args.digits, average=args.average, interval=args.interval)
+        md, tex, outputs = to_markdown(table), to_latex(table), {}
+        if args.paired:
+            md += "\n" + paired_markdown(table, args.paired)
+            tex += "\n" + paired_latex(table, args.paired)
+            outputs["_paired.csv"] = paired_csv(table, args.paired)
         print(md)
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            for suffix, text in ((".md", md), (".tex", to_latex(table)), (".csv", to_csv(table))):
+            for suffix, text in ((".md", md), (".tex", tex), (".csv", to_csv(table)), *outputs.items()):
                 path = args.out.parent / (args.out.name + suffix)
                 path.write_text(text)
                 print(f"wrote {path}", file=sys.stderr)

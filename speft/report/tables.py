@@ -1,4 +1,5 @@
-"""The study's table: rows = methods or metrics, columns = tasks, cells = mean ± std over seeds.
+"""The study's table: rows = methods or metrics, columns = tasks, cells = mean ± std (or a 95 % t interval)
+over seeds; optionally each row's paired difference from a reference row (:func:`paired_rows`).
 
 :func:`pivot` turns the collected records (:func:`speft.report.collect.load_records`) into a
 :class:`Table`; :func:`to_markdown`, :func:`to_latex` and :func:`to_csv` render it. Nothing is dropped
@@ -17,6 +18,7 @@ from typing import Any
 import pandas as pd
 
 from speft.config import NON_COMPUTING_KEYS
+from speft.report import stats
 from speft.report.collect import (
     SALIENCE_GROUPS,
     ReportError,
@@ -33,6 +35,7 @@ DEFAULT_COLS = ("task.name",)
 FACTORS = ("mask.name", "mask.selection", "budget", "model.name")
 MISSING = "—"
 AVERAGE = "Average"
+INTERVALS = {"std": "sample std", "ci95": "95 % t interval of the mean"}  # what a cell's ± shows
 
 
 @dataclass
@@ -63,6 +66,11 @@ class Cell:
         m = self.mean
         return math.sqrt(sum((v - m) ** 2 for v in self.values) / (self.n - 1))
 
+    @property
+    def ci95(self) -> float:
+        """Half-width of the 95 % t confidence interval of the mean (NaN below two runs)."""
+        return stats.t_halfwidth(self.values)
+
 
 @dataclass
 class Table:
@@ -77,6 +85,7 @@ class Table:
     scale: float
     digits: int
     average: bool = True
+    interval: str = "std"  # the ± of a cell: a key of INTERVALS
     failures: list[str] = field(default_factory=list)  # one line per failed run
     notes: list[str] = field(default_factory=list)  # warnings and explanations for the footer
 
@@ -126,12 +135,12 @@ class Table:
             return ", ".join(parts)
         text = self.number(cell.mean)
         if cell.n > 1:
-            text += f" ± {self.number(cell.std)}"
+            text += f" ± {self.number(getattr(cell, self.interval))}"
         return text + (f" ({', '.join(notes)})" if notes else "")
 
     def to_frame(self, what: str = "text") -> pd.DataFrame:
         """Rows × columns as a DataFrame: the cell ``text`` (with the ``Average`` column), or ``mean``,
-        ``std`` or ``n`` (numbers: NaN for empty cells)."""
+        ``std``, ``ci95`` or ``n`` (numbers: NaN for empty cells)."""
         if what == "text":
             data = {self.header(c): [self.text(r, c) for r in self.rows] for c in self.cols}
             if self.average:
@@ -158,9 +167,10 @@ class Table:
         what = "best-epoch" if self.value == "best" else "final"
         scale = f" × {self.scale:g}" if self.scale != 1 else ""
         n = self.uniform_n
-        stats = ("one run each" if n == 1 else
-                 f"mean ± sample std over seeds ({f'n={n} each' if n else 'n: runs per cell'})")
-        lines = [f"Cells: {what} metric{scale}, {stats}; "
+        spread = ("one run each" if n == 1 else
+                  f"mean ± {INTERVALS[self.interval]} over seeds ({f'n={n} each' if n else 'n: runs per cell'}; "
+                  f"no ± for a single run)")
+        lines = [f"Cells: {what} metric{scale}, {spread}; "
                  f"rows: {', '.join(self.row_keys)}; columns: {', '.join(self.col_keys)}."]
         metrics = sorted({m for ms in self.metrics.values() for m in ms})
         if metrics:
@@ -219,12 +229,14 @@ def col_label(rec: pd.Series, keys: list[str]) -> str:
 
 def pivot(df: pd.DataFrame, rows: list[str] | None = None, cols: list[str] | None = None, value: str = "final",
           metric: str | None = None, scale: float = 100.0, filters: list[str] = (), digits: int | None = None,
-          average: bool = True) -> Table:
+          average: bool = True, interval: str = "std") -> Table:
     """The table of ``df``'s runs (see the module docstring). ``rows``/``cols``: dotted keys (default
     :func:`default_rows` and ``task.name``); ``value``: ``final`` or ``best``; ``metric``: instead of each
     task's main metric; ``filters``: ``key=value`` strings; ``scale``: 100 for percent."""
     if value not in ("final", "best"):
         raise ReportError(f"--value {value!r}: choose final or best")
+    if interval not in INTERVALS:
+        raise ReportError(f"--interval {interval!r}: choose {' or '.join(INTERVALS)}")
     df = apply_filters(df, filters)
     if df.empty:
         raise ReportError(f"no runs left after the filters {', '.join(filters)}")
@@ -255,7 +267,7 @@ def pivot(df: pd.DataFrame, rows: list[str] | None = None, cols: list[str] | Non
                   metrics={c: sorted({k for k in long.loc[long["col"] == c, "key"] if isinstance(k, str)})
                            for c in col_order},
                   value=value, scale=scale, digits=digits if digits is not None else (2 if scale >= 100 else 4),
-                  average=average)
+                  average=average, interval=interval)
     for _, x in long[long["status"] == "failed"].iterrows():
         error = x["error"] or "no error recorded"
         error = error if len(error) <= 300 else error[:299] + "…"
@@ -353,7 +365,7 @@ def to_latex(table: Table) -> str:
     return "\n".join(lines) + "\n"
 
 
-CSV_FIELDS = ("row", "column", "metric", "mean", "std", "n", "failed", "running", "no_value", "best", "text")
+CSV_FIELDS = ("row", "column", "metric", "mean", "std", "ci95", "n", "failed", "running", "no_value", "best", "text")
 
 
 def to_csv(table: Table) -> str:
@@ -368,14 +380,101 @@ def to_csv(table: Table) -> str:
         for c in table.cols:
             cell = table.cell(r, c)
             writer.writerow([*keys, r, c, ";".join(table.metrics.get(c, [])), _num(cell.mean), _num(cell.std),
-                             cell.n, cell.failed, cell.running, cell.no_value, int(r in best.get(c, ())),
+                             _num(cell.ci95), cell.n, cell.failed, cell.running, cell.no_value, int(r in best.get(c, ())),
                              table.text(r, c)])
         if table.average:
             m = table.averages()[r]
-            writer.writerow([*keys, r, AVERAGE, "", _num(m), "", "", "", "", "", int(r in best.get(AVERAGE, ())),
+            writer.writerow([*keys, r, AVERAGE, "", _num(m), "", "", "", "", "", "", int(r in best.get(AVERAGE, ())),
                              table.average_text(r)])
     return buf.getvalue()
 
 
 def _num(x: float) -> str:
     return "" if x is None or math.isnan(x) else repr(float(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# Paired comparison with a reference row
+
+
+@dataclass
+class PairedRow:
+    row: str
+    overall: stats.Paired  # over every matched (column, seed) pair
+    by_col: dict[str, float]  # column -> mean difference over its matched seeds (NaN: no pair)
+
+
+def matched_differences(table: Table, row: str, reference: str, col: str) -> list[float]:
+    """``row`` minus ``reference`` for each seed with a value in both cells of column ``col``."""
+    ref = dict(zip(map(str, table.cell(reference, col).seeds), table.cell(reference, col).values))
+    cell = table.cell(row, col)
+    return [v - ref[s] for s, v in zip(map(str, cell.seeds), cell.values) if s in ref]
+
+
+def paired_rows(table: Table, reference: str) -> list[PairedRow]:
+    """Each other row's difference from ``reference`` over matched (column, seed) pairs: mean, 95 % bootstrap
+    interval and sign-flip p-value (:func:`speft.report.stats.paired`), and per column the mean difference."""
+    if reference not in table.rows:
+        raise ReportError(f"--paired {reference!r} is not a row; rows: {', '.join(table.rows)}")
+    out = []
+    for row in table.rows:
+        if row == reference:
+            continue
+        per_col = {c: matched_differences(table, row, reference, c) for c in table.cols}
+        pooled = [d for c in table.cols for d in per_col[c]]
+        out.append(PairedRow(row, stats.paired(pooled),
+                             {c: sum(d) / len(d) if d else math.nan for c, d in per_col.items()}))
+    return out
+
+
+def _paired_grid(table: Table, rows: list[PairedRow]) -> tuple[list[str], list[list[str]]]:
+    def num(x: float) -> str:
+        return MISSING if math.isnan(x) else f"{x:+.{table.digits}f}"
+
+    header = [", ".join(table.row_keys), "pairs", "mean difference", "95 % bootstrap CI", "p (sign-flip)",
+              *[table.header(c) for c in table.cols]]
+    body = [[r.row, str(r.overall.n), num(r.overall.mean),
+             MISSING if not r.overall.n else f"[{num(r.overall.lo)}, {num(r.overall.hi)}]",
+             MISSING if not r.overall.n else f"{r.overall.p:.3g}", *[num(r.by_col[c]) for c in table.cols]]
+            for r in rows]
+    return header, body
+
+
+def paired_footer(reference: str) -> list[str]:
+    return [f"Paired differences from {reference} (row minus {reference}) over (column, seed) pairs run by both: "
+            f"their mean, a 95 % percentile bootstrap interval ({stats.BOOTSTRAP_RESAMPLES:,} resamples of the "
+            f"pairs) and the two-sided sign-flip permutation p-value (exact up to {stats.EXACT_MAX} pairs); then "
+            f"each column's mean difference. Seeded: the numbers are reproducible."]
+
+
+def paired_markdown(table: Table, reference: str) -> str:
+    header, body = _paired_grid(table, paired_rows(table, reference))
+    text = markdown_table(header, body, [False] + [True] * (len(header) - 1))
+    return text + "\n" + "\n".join(paired_footer(reference)) + "\n"
+
+
+def paired_latex(table: Table, reference: str) -> str:
+    header, body = _paired_grid(table, paired_rows(table, reference))
+    lines = [r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}", r"\toprule",
+             " & ".join(latex_escape(h) for h in header) + r" \\", r"\midrule"]
+    lines += [" & ".join(latex_escape(t) for t in line) + r" \\" for line in body]
+    lines += [r"\bottomrule", r"\end{tabular}"] + ["% " + line for line in paired_footer(reference)]
+    return "\n".join(lines) + "\n"
+
+
+PAIRED_FIELDS = ("row", "reference", "column", "pairs", "mean_difference", "ci_low", "ci_high", "p_sign_flip",
+                 "p_exact")
+
+
+def paired_csv(table: Table, reference: str) -> str:
+    """Long form: per row, one line over all pairs (column ``all``) and one per column (mean difference)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(PAIRED_FIELDS)
+    for r in paired_rows(table, reference):
+        o = r.overall
+        writer.writerow([r.row, reference, "all", o.n, _num(o.mean), _num(o.lo), _num(o.hi), _num(o.p), int(o.exact)])
+        for c in table.cols:
+            n = len(matched_differences(table, r.row, reference, c))
+            writer.writerow([r.row, reference, c, n, _num(r.by_col[c]), "", "", "", ""])
+    return buf.getvalue()
