@@ -26,7 +26,7 @@ from speft.methods.base import PrepareContext, Prepared, count
 from speft.models.loading import (build_meta_model, find_targets, head_parameters, load_model, load_tokenizer,
                                   target_shapes)
 from speft.registry import ConfigError
-from speft.results import RunRecord, completed_result, read_result, timed
+from speft.results import RunRecord, completed_result, higher_is_better, read_result, timed
 from speft.salience.scorer import Scorer
 from speft.sparse.layer import sparse_layers
 from speft.train import checkpoint
@@ -110,10 +110,11 @@ def train_dataloader(rows: list[dict], tcfg, collate, seed: int) -> DataLoader:
 
 
 def best_evaluation(history: list[dict], task) -> dict:
-    """The periodic evaluation with the highest main validation metric (its step and epoch included)."""
+    """The periodic evaluation with the best main validation metric (its step and epoch included)."""
     key = f"{getattr(task, 'validation_split', 'validation')}/{task.main_metric}"
     scored = [h for h in history if key in h and not math.isnan(h[key])]  # NaN: e.g. constant predictions
-    return dict(max(scored, key=lambda h: h[key])) if scored else {}
+    sign = 1 if higher_is_better(key) else -1
+    return dict(max(scored, key=lambda h: sign * h[key])) if scored else {}
 
 
 def device_for(name: str) -> torch.device:

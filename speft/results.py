@@ -31,6 +31,12 @@ from pathlib import Path
 from speft.config import PROJECT_ROOT
 
 RESULTS_FILE = "results.json"
+LOWER_IS_BETTER = frozenset({"nll"})  # metric names (the part after the split) where smaller is better
+
+
+def higher_is_better(key: str) -> bool:
+    """Whether a larger value of metric ``key`` (``test/nll`` or ``nll``) is better."""
+    return key.split("/")[-1] not in LOWER_IS_BETTER
 
 
 @contextmanager

@@ -19,6 +19,7 @@ import pandas as pd
 
 from speft.config import NON_COMPUTING_KEYS
 from speft.report import stats
+from speft.results import LOWER_IS_BETTER, higher_is_better
 from speft.report.collect import (
     SALIENCE_GROUPS,
     ReportError,
@@ -101,15 +102,22 @@ class Table:
         return out
 
     def best(self) -> dict[str, set[str]]:
-        """Per column (and ``Average``): the rows with the highest mean (ties all marked)."""
+        """Per column (and ``Average``): the rows with the best mean, the highest or, for a metric where lower
+        is better (``nll``), the lowest (ties all marked). Columns mixing both directions mark none."""
         columns = {c: {r: self.cell(r, c).mean for r in self.rows} for c in self.cols}
+        signs = {c: {higher_is_better(k) for k in self.metrics.get(c, [])} or {True} for c in self.cols}
         if self.average:
             columns[AVERAGE] = self.averages()
+            signs[AVERAGE] = set.union(*signs.values()) if signs else {True}
         out = {}
         for c, means in columns.items():
-            finite = [m for m in means.values() if not math.isnan(m)]
+            if len(signs[c]) > 1:
+                out[c] = set()
+                continue
+            sign = 1 if signs[c].pop() else -1
+            finite = [sign * m for m in means.values() if not math.isnan(m)]
             top = max(finite, default=math.nan)
-            out[c] = {r for r, m in means.items() if not math.isnan(m) and m >= top - 1e-12}
+            out[c] = {r for r, m in means.items() if not math.isnan(m) and sign * m >= top - 1e-12}
         return out
 
     @property
@@ -176,7 +184,8 @@ class Table:
         if metrics:
             lines.append(f"Metrics: {', '.join(metrics)}.")
         if self.average:
-            lines.append(f"{AVERAGE}: mean of a row's cells, when every column has one. Bold: the best per column.")
+            lines.append(f"{AVERAGE}: mean of a row's cells, when every column has one. Bold: the best per column "
+                         f"(the lowest for {', '.join(sorted(LOWER_IS_BETTER))}).")
         lines += self.notes
         if self.failures:
             lines.append(f"Failed runs ({len(self.failures)}):")
