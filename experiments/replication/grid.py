@@ -51,10 +51,12 @@ STAGES = ("tune", "a", "warmup", "b", "density", "lm")
 SCHEDULES = {"static": [], "dynamic": ["mask=dynamic", "mask.mode=paper", "mask.update_every_steps=20",
                                        "mask.num_score_examples=256"],
              "regrow": ["mask=regrow", "mask.update_every_steps=20"]}
-LM = ["model=smollm2_135m", "task=gsm8k", "trainer=lm", "task.max_train_examples=256", "task.subset_seed=0",
-      "task.max_length=256", "trainer.max_steps=32", "trainer.batch_size=4", "trainer.grad_accum_steps=2",
-      "trainer.lr=1e-4", "task.evaluation=nll", "task.max_eval_examples=64", "metric.num_score_examples=32",
-      "density=lora:8", "trainer.head_lr=null"]
+# The causal-LM panel: 32 steps of 4 GSM8K-train problems (≤ 256 tokens), then the reference solutions'
+# token NLL on the first 64 test problems and zero-shot exact match on the first 8 (~10 minutes a run).
+LM = ["model=smollm2_135m", "task=gsm8k", "task.max_train_examples=256", "task.subset_seed=0",
+      "task.max_length=256", "trainer.max_steps=32", "trainer.batch_size=4", "trainer.grad_accum_steps=1",
+      "trainer.lr=1e-4", "task.evaluation=nll", "task.max_eval_examples=64", "task.generate_examples=8",
+      "task.num_fewshot=0", "task.eval_batch_size=8", "metric.num_score_examples=32", "density=lora:8"]
 
 
 def method_overrides(key: str) -> list[str]:
