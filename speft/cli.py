@@ -64,6 +64,8 @@ def main(cfg: DictConfig) -> float | None:
                      sweep_dir=sweep_dir, plan=checked_plan(cfg))
     except Interrupted as e:  # checkpoint written, results.json says "interrupted": the usual 128 + signal
         raise SystemExit(128 + e.signum) from None
+    except KeyboardInterrupt:  # the second Ctrl-C: results.json says "interrupted"; no traceback
+        raise SystemExit(130) from None
     return objective(result)
 
 

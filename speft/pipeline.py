@@ -183,6 +183,17 @@ def _run(plan: Plan, dist: Dist, run_dir: Path, run_name: str, sweep_dir: str | 
         log.warning("%s; run the same command into %s to resume", e, run_dir)
         stop.chain()  # under submitit: its handler requeues the job (and exits)
         raise
+    except KeyboardInterrupt:  # a second Ctrl-C (or one outside training): stopped at once, no new checkpoint
+        timings["total_s"] = time.perf_counter() - t_start
+        latest = checkpoint.checkpoints(run_dir)
+        record.update(timings={k: round(v, 3) for k, v in timings.items()},
+                      interrupted={"signal": "SIGINT", "step": None,
+                                   "checkpoint": str(latest[-1][1].with_suffix(".pt")) if latest else None})
+        data = record.finish("interrupted")
+        logger.finish(data)
+        log.warning("stopped by Ctrl-C; rerun the same command into %s to %s", run_dir,
+                    "resume from its latest checkpoint" if latest else "start again")
+        raise
     except BaseException as e:  # record the failure, then let it propagate
         timings["total_s"] = time.perf_counter() - t_start
         record.update(timings={k: round(v, 3) for k, v in timings.items()})

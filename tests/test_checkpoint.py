@@ -18,7 +18,7 @@ from speft.pipeline import run
 from speft.registry import ConfigError
 from speft.salience.scorer import ExampleStream
 from speft.train import checkpoint
-from speft.train.checkpoint import CheckpointError, Interrupted
+from speft.train.checkpoint import CheckpointError, Interrupted, StopRequest
 
 from .conftest import ROOT, compose_cfg
 
@@ -42,6 +42,8 @@ CASES = {
     "full": (["method=full", "trainer.checkpoint_every_steps=2", "trainer.keep_checkpoints=1"], 5, "SIGKILL"),
     # SLURM's warning: a checkpoint at the next step boundary, status interrupted, exit 128 + 10
     "static_sigusr1": ([], 3, "SIGUSR1"),
+    # Ctrl-C: the same clean stop (one line, no traceback, exit 130), then the same command resumes
+    "static_ctrl_c": ([], 3, "SIGINT"),
 }
 
 
@@ -65,8 +67,8 @@ def outcome(run_dir: Path) -> dict:
 
 # One case in the default run (the hardest: merged deltas of two reselections, a kill right after the
 # second); the others (about a minute each on a loaded 2-core machine) with -m slow.
-@pytest.mark.parametrize("case", [c if c == "reselect_after_update" else pytest.param(c, marks=pytest.mark.slow)
-                                  for c in CASES])
+@pytest.mark.parametrize("case", [c if c in ("reselect_after_update", "static_ctrl_c")
+                                  else pytest.param(c, marks=pytest.mark.slow) for c in CASES])
 def test_a_killed_run_resumes_bit_for_bit(case, tmp_path):
     extra, micro, sig = CASES[case]
     overrides = [*SMALL, *extra]
@@ -84,6 +86,8 @@ def test_a_killed_run_resumes_bit_for_bit(case, tmp_path):
         interrupted = json.loads((tmp_path / "run" / "results.json").read_text())
         assert interrupted["status"] == "interrupted" and interrupted["interrupted"]["signal"] == sig
         assert interrupted["interrupted"]["step"] == saved[-1][0] == micro  # the step the signal arrived in
+    if sig == "SIGINT":
+        assert "Traceback" not in killed.stderr and "Rerun the same command to resume" in killed.stderr
 
     again = cli(tmp_path / "run", overrides)  # the same command into the same folder
     assert again.returncode == 0, again.stderr[-3000:]
@@ -93,6 +97,15 @@ def test_a_killed_run_resumes_bit_for_bit(case, tmp_path):
     data = json.loads((tmp_path / "run" / "results.json").read_text())
     assert data["resumed"] == 1 and data["resumed_from_steps"] == [saved[-1][0]]
     assert not checkpoint.checkpoints(tmp_path / "run")  # a completed run removes its checkpoints
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    with StopRequest() as stop:
+        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # the first: noted, training goes on
+        assert stop.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
 def test_bad_checkpoints_and_other_configs_are_refused_by_name(tmp_path, monkeypatch):

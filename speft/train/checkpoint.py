@@ -22,6 +22,7 @@ import os
 import random
 import re
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -235,10 +236,11 @@ STOP_SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGTERM", "
 
 
 class StopRequest:
-    """While active, SIGTERM, SIGUSR1 and SIGUSR2 (SLURM's and submitit's warnings before a time limit or
-    a preemption) only set :attr:`signum`; the training loop checkpoints at the next optimizer-step
-    boundary and stops. :meth:`chain` then calls the handlers that were there before (submitit's
-    requeue), so a cluster job is requeued after its checkpoint is written."""
+    """While active, SIGINT (Ctrl-C), SIGTERM, SIGUSR1 and SIGUSR2 (SLURM's and submitit's warnings before a
+    time limit or a preemption) only set :attr:`signum`; the training loop checkpoints at the next
+    optimizer-step boundary and stops. A second SIGINT stops at once (``KeyboardInterrupt``). :meth:`chain`
+    then calls the handlers that were there before (submitit's requeue) for the other signals, so a cluster
+    job is requeued after its checkpoint is written."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -246,7 +248,7 @@ class StopRequest:
 
     def __enter__(self) -> StopRequest:
         if _main_thread():
-            for s in STOP_SIGNALS:
+            for s in (signal.SIGINT, *STOP_SIGNALS):
                 self._previous[s] = signal.signal(s, self._handle)
         return self
 
@@ -257,15 +259,21 @@ class StopRequest:
         self._previous = {}
 
     def _handle(self, signum, frame) -> None:
-        if self.signum is None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now, without the checkpoint
+        if signum == signal.SIGINT:
+            print("\nCtrl-C: saving a checkpoint at the next optimizer step, then stopping (Ctrl-C again: stop at "
+                  "once). Rerun the same command to resume.", file=sys.stderr, flush=True)
+        elif self.signum is None:
             log.warning("caught %s: a checkpoint is written at the next optimizer step, then the run stops",
                         signal.Signals(signum).name)
-        self.signum = signum
+        self.signum = self.signum or signum
 
     def chain(self) -> None:
-        """Call the handler that was installed before for the caught signal (when it was a function)."""
+        """Call the handler that was installed before for the caught signal (when it was a function); not for
+        SIGINT, whose default handler would turn the clean stop into a ``KeyboardInterrupt``."""
         previous = getattr(self, "_previous_restored", self._previous).get(self.signum)
-        if callable(previous):
+        if callable(previous) and self.signum != signal.SIGINT:
             previous(self.signum, None)
 
 
