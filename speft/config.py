@@ -7,6 +7,7 @@ by :func:`speft.registry.register`. Range checks live in ``__post_init__`` and r
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -150,7 +151,8 @@ cs.store(group="schema/trainer", name="base", node=TrainerConfig)
 # Density budget
 
 _LORA = re.compile(r"^lora:(\d+)$")
-DENSITY_FORMS = "a fraction in (0, 1] (density=0.005), an integer count (density=1179648) or lora:<r> (density=lora:8)"
+DENSITY_FORMS = ("a fraction in (0, 1] (density=0.005), an integer count of at least the number of target modules "
+                 "(density=1179648) or lora:<r> with an integer rank r >= 1 (density=lora:8)")
 
 
 @dataclass(frozen=True)
@@ -197,6 +199,19 @@ class Budget:
               f"the {len(shapes)} target modules; for a fraction write a number in (0, 1], e.g. density=0.01")
         check(k <= total, f"density={k:,} is more than the {total:,} entries of the {len(shapes)} target modules")
         return k
+
+    def lora_rank(self, shapes: dict[str, tuple[int, int]]) -> int:
+        """The LoRA rank of this budget on target weights of the given (out, in) shapes: r for ``lora:r``; for a
+        count or a fraction, the rank whose r·Σ(in+out) comes closest to its entries (ties: the smaller)."""
+        if self.kind == "lora":
+            self.resolve(shapes)  # the same range check as a sparse run's
+            return int(self.value)
+        k, per_rank = self.resolve(shapes), sum(o + i for o, i in shapes.values())
+        rank = math.floor(k / per_rank + 0.5 - 1e-12)
+        check(rank >= 1, f"density={self} is {k:,} entries, fewer than half of LoRA rank 1's {per_rank:,} on these "
+              f"{len(shapes)} target modules: no LoRA rank comes close. Give density=lora:1 or more, or a count "
+              f"of at least {math.ceil(per_rank / 2):,}")
+        return rank
 
 
 # ----------------------------------------------------------------------------------------------

@@ -74,12 +74,11 @@ def check_world(spec: Spec, world: int) -> None:
 
 
 def plan_budget(spec: Spec, task) -> tuple[dict[str, tuple[int, int]], int | None]:
-    """Target shapes and, for salience methods, the exact number of trainable entries, from the
-    model's structure alone (a meta-device copy)."""
+    """Target shapes and the exact number of trainable entries ``density`` gives the method (None for full and
+    head_only), from the model's structure alone (a meta-device copy); LoRA's rank is set from it."""
     meta = build_meta_model(spec.model, task.head, task.num_labels, spec.paths.resolve("cache_dir"))
     shapes = target_shapes(find_targets(meta, spec.model.family, spec.method.targets, spec.method.target_regex))
-    uses_salience = registry.get("method", spec.method.name).obj.uses_salience
-    return shapes, spec.budget.resolve(shapes) if uses_salience else None
+    return shapes, registry.get("method", spec.method.name).obj.plan_budget(spec.method, spec.budget, shapes)
 
 
 def preflight(cfg: DictConfig, run_dir: Path) -> Plan:
@@ -90,6 +89,8 @@ def preflight(cfg: DictConfig, run_dir: Path) -> Plan:
     check_combination(spec, task)
     shapes, k = plan_budget(spec, task)
     config = spec.resolved()
+    config["method"].update({key: value for key, value in asdict(spec.method).items()
+                             if key in config["method"]})  # what pre-flight derived (LoRA's rank from density)
     previous = reusable_result(Path(run_dir), config, spec.skip_completed)
     resume = None if previous is not None else checkpoint.resumable(Path(run_dir), config, spec.resume,
                                                                     distributed.world_size_from_env())

@@ -55,6 +55,50 @@ def test_lora_rank_matches_the_sparse_budget(name, tmp_path):
     assert lora["density"] == pytest.approx(sparse["density"])
 
 
+PER_RANK = 768 * 24  # Σ(in+out) over MiniLM's q, k, v, o
+
+
+@pytest.mark.parametrize("density, rank", [("lora:4", 4), ("lora:1", 1), (str(5 * PER_RANK + 100), 5),
+                                           (str(int(2.5 * PER_RANK)), 2), ("0.01", 2), ("1", 192)])
+def test_density_sets_the_lora_rank_in_preflight(density, rank, tmp_path):
+    """lora:r is rank r; a count or a fraction, the nearest rank (a tie: the smaller); recorded in the config.
+    The 24 targets hold 24·384² = 3,538,944 entries: 1 % is 35,389 entries, rank 1.92."""
+    from speft.pipeline import preflight
+
+    for name in ("lora", "pissa", "dora"):
+        plan = preflight(compose_cfg(f"method={name}", f"density={density}"), tmp_path)
+        assert plan.spec.method.rank == rank and plan.config["method"]["rank"] == rank
+        assert plan.budget == rank * PER_RANK
+
+
+def test_a_budget_lora_cannot_meet_and_a_contradicting_rank_are_refused(tmp_path):
+    from speft.pipeline import preflight
+
+    with pytest.raises(ConfigError, match=r"density=9000 is 9,000 entries, fewer than half of LoRA rank 1's 18,432"):
+        preflight(compose_cfg("method=lora", "density=9000"), tmp_path)
+    with pytest.raises(ConfigError, match=r"method.rank=4 contradicts density=lora:8 \(LoRA rank 8 on these targets\)"):
+        preflight(compose_cfg("method=lora", "method.rank=4"), tmp_path)
+    with pytest.raises(ConfigError, match=r"lora:<r> with an integer rank r >= 1"):
+        preflight(compose_cfg("method=lora", "density=lora:0"), tmp_path)
+    assert preflight(compose_cfg("method=lora", "method.rank=8"), tmp_path).spec.method.rank == 8  # agrees
+
+
+def test_a_lora_density_sweep_trains_each_rank(tmp_path):
+    """The study's sweep: -m method=lora density=lora:4,lora:8 trains two ranks (counts 1:2)."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    cmd = [sys.executable, "run.py", "-m", "method=lora", "density=lora:4,lora:8", "debug=fast", "logger=none",
+           "trainer.max_steps=1", "task.max_eval_examples=8", f"hydra.sweep.dir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = {json.loads((tmp_path / j / "results.json").read_text())["config"]["density"]:
+           json.loads((tmp_path / j / "results.json").read_text())["trainable"]["adapter"] for j in ("0", "1")}
+    assert got == {"lora:4": 4 * PER_RANK, "lora:8": 8 * PER_RANK}
+
+
 def test_frozen_head_is_counted_out_and_left_at_its_initialisation(tmp_path):
     result = run(compose_cfg("debug=fast", "logger=none", "method=lora", "method.train_head=false"),
                  run_dir=tmp_path)

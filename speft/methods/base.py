@@ -14,6 +14,7 @@ from torch import nn
 from speft.models.loading import head_parameters
 
 if TYPE_CHECKING:
+    from speft.config import Budget
     from speft.salience.scorer import Scorer
 
 
@@ -55,6 +56,13 @@ class Method:
 
     def __init__(self, cfg: MethodConfig) -> None:
         self.cfg = cfg
+
+    @staticmethod
+    def plan_budget(cfg: MethodConfig, budget: Budget, shapes: dict[str, tuple[int, int]]) -> int | None:
+        """Pre-flight, from the target shapes alone: the trainable entries ``density`` gives this method on the
+        target modules (it may set budget-derived keys of ``cfg``, e.g. LoRA's rank); None: ``density`` does
+        not apply (full, head_only)."""
+        return None
 
     def prepare(self, ctx: PrepareContext, lr: float, head_lr: float) -> Prepared:
         raise NotImplementedError

@@ -1,18 +1,21 @@
 """``lora``: LoRA adapters (Hugging Face PEFT) on the same target modules as ``sparse``.
 
 At rank r a module of shape (out, in) trains r·(in+out) parameters: exactly the count of the sparse
-budget ``density=lora:<r>``, so ``method=lora method.rank=8`` and ``method=sparse density=lora:8``
-train the same number of entries. ``pissa`` and ``dora`` reuse this module with PEFT's options.
+budget ``density=lora:<r>``. The rank comes from ``density`` (pre-flight: :meth:`PeftAdapter.plan_budget`),
+so ``method=sparse`` and ``method=lora`` with the same ``density`` train the same number of entries; a
+``method.rank`` that contradicts ``density`` is refused. ``pissa`` and ``dora`` reuse this module with
+PEFT's options.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Optional
 
-from speft.config import check, check_positive
+from speft.config import Budget, check, check_positive
 from speft.methods.base import Method, MethodConfig, PrepareContext, Prepared, freeze_all
-from speft.registry import register
+from speft.registry import ConfigError, register
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +23,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class LoraMethodConfig(MethodConfig):
     name: str = "lora"
-    rank: int = 8  # the study's GLUE rank
+    rank: Optional[int] = None  # null: from density (lora:r gives r; a count or fraction, the nearest rank)
     alpha: float = 8.0  # the study's α = r (scale α/r = 1)
     dropout: float = 0.05  # the study's LoRA dropout
 
@@ -33,6 +36,17 @@ class PeftAdapter(Method):
     """Shared by LoRA-family methods: wrap the targets with PEFT, then apply the head treatment."""
 
     peft_options: dict = {}
+
+    @staticmethod
+    def plan_budget(cfg: LoraMethodConfig, budget: Budget, shapes: dict[str, tuple[int, int]]) -> int:
+        """Set ``cfg.rank`` from the budget on the target shapes (a ``method.rank`` given apart must agree);
+        returns the adapter's parameter count at that rank."""
+        rank = budget.lora_rank(shapes)
+        if cfg.rank is not None and cfg.rank != rank:
+            raise ConfigError(f"method.rank={cfg.rank} contradicts density={budget} (LoRA rank {rank} on these "
+                              f"targets): drop method.rank, or set density=lora:{cfg.rank}")
+        cfg.rank = rank
+        return rank * sum(o + i for o, i in shapes.values())
 
     def prepare(self, ctx: PrepareContext, lr: float, head_lr: float) -> Prepared:
         from peft import LoraConfig, get_peft_model

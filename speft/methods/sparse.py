@@ -30,6 +30,10 @@ class SparseMethodConfig(MethodConfig):
 class Sparse(Method):
     uses_salience = True
 
+    @staticmethod
+    def plan_budget(cfg: SparseMethodConfig, budget, shapes: dict[str, tuple[int, int]]) -> int:
+        return budget.resolve(shapes)
+
     def save(self, model, folder, **info) -> bool:
         save_adapter(model, folder, **info)
         return True
