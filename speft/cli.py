@@ -27,6 +27,50 @@ from speft.registry import ConfigError
 from speft.train.checkpoint import Interrupted
 
 _checked: list[Plan] = []  # the callback's pre-flight of a single run, taken by main()
+CONF = Path(__file__).resolve().parent.parent / "conf"
+INTERNAL_GROUPS = ("schema", "debug_task", "hydra")  # composed by the configs themselves, not chosen by users
+
+
+def option_groups() -> dict[str, list[str]]:
+    """The config groups a user picks an option of (``conf/<group>/``; nested files are options such as
+    ``task=glue/sst2``) and their options."""
+    return {d.name: sorted(p.relative_to(d).with_suffix("").as_posix() for p in d.rglob("*.yaml"))
+            for d in sorted(CONF.iterdir()) if d.is_dir() and d.name not in INTERNAL_GROUPS}
+
+
+def help_groups() -> str:
+    """``--help``'s list of groups and options (Hydra's own lists the internal schema groups too)."""
+    return "\n".join(f"{group}: {', '.join(options)}" for group, options in option_groups().items())
+
+
+OmegaConf.register_new_resolver("speft_groups", help_groups, replace=True)
+
+
+def check_options(args: list[str]) -> None:
+    """Before Hydra: an unknown ``group=option`` stops with the valid options and the closest ones (Hydra's
+    own message offers no suggestion). Sweep functions (``choice(...)``) and interpolations are left to Hydra."""
+    import difflib
+
+    groups = option_groups()
+    for arg in args:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if arg.startswith("-") or not sep or key not in groups or any(c in value for c in "()[]{}$"):
+            continue
+        for option in value.split(","):
+            if option in groups[key] or option in ("", "null"):
+                continue
+            close = difflib.get_close_matches(option, groups[key], n=3, cutoff=0.5)
+            hint = f" Did you mean {' or '.join(f'{key}={c}' for c in close)}?" if close else ""
+            raise SystemExit(f"Invalid configuration: unknown option {key}={option}.{hint} "
+                             f"Valid choices for {key}: {', '.join(groups[key])}")
+
+
+def entry() -> None:
+    """``python run.py``: check the chosen options, then Hydra's main."""
+    import sys
+
+    check_options(sys.argv[1:])
+    main()
 
 
 class PreflightCallback(Callback):
@@ -48,7 +92,7 @@ def _exit_on_error(fn):
 def checked_plan(cfg: DictConfig) -> Plan | None:
     """The callback's pre-flight when it was of this very config, else None."""
     plan = _checked.pop() if _checked else None
-    if plan is None or plan.config != OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False):
+    if plan is None or plan.spec.resolved() != OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False):
         return None
     return plan
 

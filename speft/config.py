@@ -115,6 +115,11 @@ class PathsConfig:
     # Caches that survive runs: salience scores, converted checkpoints.
     cache_dir: str = "${oc.env:SPEFT_CACHE_DIR,.cache/speft}"
 
+    def __post_init__(self) -> None:
+        for key in ("data_dir", "cache_dir"):
+            check(bool(str(getattr(self, key)).strip()), f"paths.{key} is empty: give a folder (relative paths start "
+                  f"at the project root), or leave it out for the default")
+
     def resolve(self, key: str) -> Path:
         path = Path(getattr(self, key)).expanduser()
         return path if path.is_absolute() else PROJECT_ROOT / path

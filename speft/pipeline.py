@@ -23,8 +23,14 @@ from speft.distributed import Dist, DistributedError, ShardCollate, mask_digest
 from speft.loggers.base import RunLogger
 from speft.masks.base import MaskRuntime
 from speft.methods.base import PrepareContext, Prepared, count
-from speft.models.loading import (build_meta_model, find_targets, head_parameters, load_model, load_tokenizer,
-                                  target_shapes)
+from speft.models.loading import (
+    build_meta_model,
+    find_targets,
+    head_parameters,
+    load_model,
+    load_tokenizer,
+    target_shapes,
+)
 from speft.registry import ConfigError
 from speft.results import RunRecord, completed_result, higher_is_better, read_result, timed
 from speft.salience.scorer import Scorer
@@ -304,7 +310,30 @@ def _execute(plan: Plan, run_dir: Path, logger, record: RunRecord, timings: dict
     metrics = final_metrics(state, history, evaluate, logger)
     if throughput:
         record.update(evaluation=throughput)
+        log_evaluation(state, throughput, history.step)
     return metrics, state.model
+
+
+PREDICTION_COLUMNS = ("index", "question", "target", "completion", "flexible", "flexible_correct")
+MAX_LOGGED_PREDICTIONS = 200  # rows of the W&B predictions table (the whole file stays in the run folder)
+
+
+def log_evaluation(state: RunState, throughput: dict[str, dict], step: int) -> None:
+    """LM tasks: the evaluation's throughput and a table of its first predictions, to the logger."""
+    import json
+
+    state.logger.log({f"{split}/{k}": v for split, figures in throughput.items() for k, v in figures.items()
+                      if isinstance(v, (int, float))}, step)
+    for split in throughput:
+        path = state.run_dir / f"predictions_{split}.jsonl"
+        if not path.is_file():
+            continue
+        with path.open() as f:
+            rows = [json.loads(line) for _, line in zip(range(MAX_LOGGED_PREDICTIONS), f)]
+        if not rows:
+            continue
+        columns = [c for c in PREDICTION_COLUMNS if c in rows[0]] or sorted(rows[0])  # MMLU's own fields
+        state.logger.log_table(f"predictions_{split}", columns, [[r.get(c) for c in columns] for r in rows])
 
 
 def load_data_and_model(state: RunState) -> None:

@@ -126,7 +126,7 @@ def _run_cli(tmp_path, *args):
 
 @pytest.mark.parametrize("args,expected", [
     (["density=2"], "density=2"),
-    (["metric=snipp"], "Available options in 'metric'"),
+    (["metric=snipp"], "Did you mean metric=snip? Valid choices for metric:"),
     (["trainer.lr=abc"], "trainer.lr"),
 ])
 def test_cli_rejects_bad_config_quickly_and_writes_nothing(tmp_path, args, expected):

@@ -131,13 +131,45 @@ def load_model(cfg: ModelConfig, head: str, num_labels: int | None, cache_dir: P
     source, kwargs = checkpoint(cfg, cache_dir)
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
-    with hub_only_hint(cfg, source):
-        model = auto_class(head).from_pretrained(source, dtype=DTYPES[cfg.dtype], **kwargs)
+    with hub_only_hint(cfg, source), quiet_load_report():
+        model, info = auto_class(head).from_pretrained(source, dtype=DTYPES[cfg.dtype], output_loading_info=True,
+                                                       **kwargs)
+    report_loading(model, info, cfg)
     if cfg.gguf_file:
         dequantised(model)
     if getattr(model.config, "pad_token_id", None) is None and getattr(model.config, "eos_token_id", None) is not None:
         model.config.pad_token_id = model.config.eos_token_id  # decoders: pool at the last real token
     return model
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
+@contextmanager
+def quiet_load_report() -> Iterator[None]:
+    """Hold back transformers' loading table; :func:`report_loading` says what matters in its place."""
+    logger, drop = logging.getLogger("transformers.modeling_utils"), _DropLoadReport()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+def report_loading(model: nn.Module, info: dict, cfg: ModelConfig) -> None:
+    """One line for the expected: a new task head, initialised at random; a warning naming any other weight
+    the checkpoint lacks or holds in excess (a wrong checkpoint or family)."""
+    missing = list(info.get("missing_keys") or [])
+    head = sorted(k for k in missing if is_head(k, cfg.family))
+    other = sorted(set(missing) - set(head))
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if head:
+        log.info("new task head %s: initialised at random (expected: the checkpoint has none)", ", ".join(head))
+    if other or unexpected:
+        log.warning("%s: weights missing from the checkpoint (initialised at random): %s; in the checkpoint but "
+                    "unused: %s", cfg.name_or_path, ", ".join(other) or "none", ", ".join(unexpected[:20]) or "none")
 
 
 def load_tokenizer(cfg: ModelConfig, cache_dir: Path | None = None):

@@ -9,8 +9,9 @@ Prints the Markdown table; --out PREFIX writes PREFIX.md, PREFIX.tex and PREFIX.
 writes every figure the runs support (PNG and PDF). --keys lists the keys usable in --rows, --cols
 and --filter. --interval ci95 shows each cell's 95 % t interval instead of its std; --paired ROW adds
 every other row's paired difference from ROW (matched task and seed: mean, bootstrap interval,
-sign-flip p-value) to the Markdown and LaTeX outputs and as PREFIX_paired.csv. Filters on metric.* and mask.* keys keep the runs of methods without a salience mask
-(LoRA, full), whose metric and mask settings are unused: add --filter method.name=sparse to drop them.
+sign-flip p-value) to the Markdown and LaTeX outputs and as PREFIX_paired.csv. Filters on metric.*
+and mask.* keys keep the runs of methods without a salience mask (LoRA, full), whose metric and mask
+settings are unused: add --filter method.name=sparse to drop them.
 """
 
 from __future__ import annotations

@@ -19,7 +19,6 @@ import pandas as pd
 
 from speft.config import NON_COMPUTING_KEYS
 from speft.report import stats
-from speft.results import LOWER_IS_BETTER, higher_is_better
 from speft.report.collect import (
     SALIENCE_GROUPS,
     ReportError,
@@ -28,6 +27,7 @@ from speft.report.collect import (
     natural_key,
     uses_salience,
 )
+from speft.results import LOWER_IS_BETTER, higher_is_better
 
 DEFAULT_ROWS = ("method.name", "metric.name")
 DEFAULT_COLS = ("task.name",)
@@ -389,8 +389,8 @@ def to_csv(table: Table) -> str:
         for c in table.cols:
             cell = table.cell(r, c)
             writer.writerow([*keys, r, c, ";".join(table.metrics.get(c, [])), _num(cell.mean), _num(cell.std),
-                             _num(cell.ci95), cell.n, cell.failed, cell.running, cell.no_value, int(r in best.get(c, ())),
-                             table.text(r, c)])
+                             _num(cell.ci95), cell.n, cell.failed, cell.running, cell.no_value,
+                             int(r in best.get(c, ())), table.text(r, c)])
         if table.average:
             m = table.averages()[r]
             writer.writerow([*keys, r, AVERAGE, "", _num(m), "", "", "", "", "", "", int(r in best.get(AVERAGE, ())),

@@ -231,9 +231,12 @@ class GlueTask(ClassificationTask):
             raw = {split: list(ds[split].select_columns(keep)) for split in layout.files}
         except Exception as e:  # noqa: BLE001 - offline, missing package, unknown revision: one clear message
             local = self.local_dir or "<paths.data_dir>/glue/" + layout.dir
-            raise DataError(f"{cfg.name}: no local copy at {local} and the Hub dataset {cfg.hub_dataset} "
-                            f"(configuration {layout.hub_config!r}) could not be loaded ({type(e).__name__}: {e}). "
-                            f"Offline, put the files at {local} in {DOWNLOAD_HINT}") from e
+            files = " and ".join(layout.files.values())
+            raise DataError(f"{cfg.name}: no local copy at {local} (from paths.data_dir={self.data_dir}) and the "
+                            f"Hub dataset {cfg.hub_dataset} (configuration {layout.hub_config!r}) could not be "
+                            f"loaded ({type(e).__name__}: {e}). Offline, put {files} at {local} in the layout of "
+                            f"the GLUE download script, or point paths.data_dir at the folder that holds "
+                            f"glue/{layout.dir}") from e
         out = {}
         for split, examples in raw.items():
             rows = []

@@ -47,7 +47,7 @@ class Gsm8kConfig(LMTaskConfig):
     # generate: the harness's exact match; nll: the reference solutions' mean token NLL (main metric, lower
     # is better), which separates small models' fine-tuning where exact match stays near zero
     evaluation: str = "generate"
-    generate_examples: Optional[int] = None  # evaluation=nll: exact match on the first N scored problems too (null: all)
+    generate_examples: Optional[int] = None  # evaluation=nll: exact match on the first N problems too (null: all)
 
     def __post_init__(self) -> None:
         super().__post_init__()
