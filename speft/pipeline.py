@@ -32,7 +32,7 @@ from speft.models.loading import (
     target_shapes,
 )
 from speft.registry import ConfigError
-from speft.results import RunRecord, completed_result, higher_is_better, read_result, timed
+from speft.results import RunRecord, completed_result, higher_is_better, read_result, timed, write_json_atomic
 from speft.salience.scorer import Scorer
 from speft.sparse.layer import sparse_layers
 from speft.train import checkpoint
@@ -153,7 +153,10 @@ def _run(plan: Plan, dist: Dist, run_dir: Path, run_name: str, sweep_dir: str | 
     spec, task = plan.spec, plan.task
     run_dir, previous = dist.broadcast_object((run_dir, plan.previous))  # Hydra's ${now} may differ per rank
     if previous is not None:
-        log.info("%s holds a completed result of this config; skipped (skip_completed=true)", run_dir)
+        source = previous.get("reused_from", run_dir)
+        log.info("%s holds a completed result of this config; skipped (skip_completed=true)", source)
+        if "reused_from" in previous and dist.is_main:  # this job's own folder says where its result is
+            write_json_atomic(Path(run_dir) / "reused.json", {"results": str(Path(source) / "results.json")})
         return RunResult(metrics=previous["metrics"], results=previous, model=None)
 
     # Only rank 0 writes results.json and logs to W&B; the other ranks keep a record in memory.
@@ -234,11 +237,11 @@ def reusable_result(run_dir: Path, config: dict, skip_completed: bool) -> dict |
     """A completed result already in ``run_dir``: returned when ``skip_completed`` and its config is
     this one; otherwise an error, since running would overwrite it. None when there is none."""
     previous = read_result(run_dir)
-    if previous is None or previous.get("status") != "completed":
-        return None  # nothing there, or a failed or interrupted run: run (again)
+    if previous is None or previous.get("status") != "completed":  # nothing there, or a failed or interrupted run
+        return completed_twin(run_dir, config) if skip_completed else None
     if not skip_completed:
-        raise ConfigError(f"{run_dir} already holds a completed results.json; add skip_completed=true to "
-                          f"keep it and skip this run, or choose another output folder")
+        raise ConfigError(f"{run_dir} already holds a completed results.json; add skip_completed=true to return "
+                          f"it if this is the same config, or choose another output folder")
     old = previous.get("config") or {}
     changed = checkpoint.differing_keys(old, config)  # settings that do not change what a run computes left out
     if changed:
@@ -246,6 +249,20 @@ def reusable_result(run_dir: Path, config: dict, skip_completed: bool) -> dict |
                           f"{', '.join(changed)}); it is kept. Re-launch the sweep with the same overrides "
                           f"or choose another hydra.sweep.dir")
     return previous
+
+
+def completed_twin(run_dir: Path, config: dict) -> dict | None:
+    """In a sweep folder (one holding ``multirun.yaml``): a completed result of this very config in another job
+    folder, e.g. an earlier launch's (``reused_from`` names it). None elsewhere or when there is none."""
+    sweep = Path(run_dir).parent
+    if not (sweep / "multirun.yaml").is_file():
+        return None
+    for other in sorted(p for p in sweep.iterdir() if p.is_dir() and p != Path(run_dir)):
+        found = read_result(other)
+        if (found is not None and found.get("status") == "completed"
+                and not checkpoint.differing_keys(found.get("config") or {}, config)):
+            return {**found, "reused_from": str(other)}
+    return None
 
 
 @dataclass

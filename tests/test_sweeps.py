@@ -96,3 +96,39 @@ def test_a_failed_result_is_run_again_under_skip_completed(tmp_path):
 def test_skip_completed_must_be_a_boolean():
     with pytest.raises(Exception, match="skip_completed"):
         compose_cfg("skip_completed=maybe")
+
+
+def test_job_numbers_reuse_a_jobs_own_folder_and_give_the_others_fresh_ones(tmp_path):
+    from hydra_plugins.speft_sweeper.speft_sweeper import earlier_jobs, job_numbers, next_job_number
+
+    for n, overrides in ((0, "- a=1\n"), (1, "- a=2\n"), (3, "- a=3\n")):
+        (tmp_path / str(n) / ".hydra").mkdir(parents=True)
+        (tmp_path / str(n) / ".hydra" / "overrides.yaml").write_text(overrides)
+    (tmp_path / "7").mkdir()  # a folder without a record still takes its number
+    earlier = earlier_jobs(tmp_path)
+    assert earlier == {("a=1",): 0, ("a=2",): 1, ("a=3",): 3} and next_job_number(tmp_path) == 8
+    fresh = iter(range(8, 100))
+    assert job_numbers([["a=2"], ["a=9"], ["a=1"], ["a=8"]], earlier, fresh) == [1, 8, 0, 9]
+
+
+def test_a_second_launch_adds_its_jobs_without_touching_the_first(tmp_path):
+    """The sweep folder grows: new jobs get new folders, the first launch's results and record stay; re-launching
+    the same sweep skips its completed jobs in their own folders; an equal config spelled otherwise is reused."""
+    small = ["trainer.max_steps=1", "task.max_eval_examples=8", "skip_completed=true"]
+    assert sweep(tmp_path, *small, "metric=grad,snip").returncode == 0
+    root = tmp_path / "sweep"
+    first = {n: (root / n / "results.json").read_bytes() for n in ("0", "1")}
+    record = (root / "multirun.yaml").read_text()
+
+    proc = sweep(tmp_path, *small, "metric=magnitude,grad")  # one new job, one of the first launch's
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {n: (root / n / "results.json").read_bytes() for n in ("0", "1")} == first  # untouched
+    assert (root / "multirun.1.yaml").read_text() == record and "magnitude" in (root / "multirun.yaml").read_text()
+    found = results(tmp_path)
+    assert sorted(found) == ["0", "1", "2"] and found["2"]["config"]["metric"]["name"] == "magnitude"
+    assert "/sweep/0 holds a completed result" in proc.stdout + proc.stderr  # grad: its own folder, skipped
+
+    proc = sweep(tmp_path, *small, "metric=gradient")  # the alias: the same config as grad, other overrides
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((root / "3" / "reused.json").read_text()) == {"results": str(root / "0" / "results.json")}
+    assert not (root / "3" / "results.json").exists() and sorted(results(tmp_path)) == ["0", "1", "2"]
