@@ -9,9 +9,9 @@ into its own folder ``<OUT>/<stage>/<task>/<cell>/<seed or lr>/``; its ``.hydra/
 
 Stages, in the order they run:
 
-* ``tune``: every method's learning rate, from a small grid, on 500 examples held out of the training
-  data (``task.heldout_examples``; never the reported dev set), seed ``TUNE_SEED``; the chosen values
-  are written to ``<OUT>/lr.json``.
+* ``tune``: every method's learning rate, from a small grid (×5 apart, extended by ×5 steps while the
+  best value is at an end), on 500 examples held out of the training data (``task.heldout_examples``;
+  never the reported dev set), seed ``TUNE_SEED``; the chosen values are written to ``<OUT>/lr.json``.
 * ``a``: Table A, every metric (static, global) and the baselines at the tuned learning rates, every seed.
 * ``warmup``: the protocol switch ``trainer.head_warmup_steps=20`` (salience scored through a trained
   head) for ``grad``, ``magnitude``, ``random`` and LoRA.
@@ -43,6 +43,7 @@ BASELINES = ("lora", "pissa", "dora", "full", "head_only")
 # Learning-rate grids (×5 apart): the adapters and sparse deltas share one; full fine-tuning moves every
 # weight and takes smaller steps. head_only trains the head alone, at the head learning rate shared by all.
 LR_GRID = {"peft": (2e-4, 1e-3, 5e-3), "full": (1e-5, 5e-5, 2.5e-4)}
+EXTEND = 2  # while the best value sits at an end of the tried ones, try up to 2 more ×5 steps past it
 TUNE_SEED = 1  # the tuning runs' seed (the held-out split is the same for every seed)
 HELDOUT = 500  # training examples held out for tuning, disjoint from the 1,000-example training subset
 TASKS = "glue/sst2,glue/mrpc,glue/stsb,rotten_tomatoes"
@@ -109,27 +110,43 @@ class Grid:
             f"task={task}", *method_overrides(key), f"trainer.lr={lr}", f"task.heldout_examples={HELDOUT}",
             f"seed={TUNE_SEED}"])
 
+    def tune_scores(self, task: str, key: str, lrs: list[float]) -> dict[float, float]:
+        """Held-out main metric of the completed tuning runs among ``lrs`` (NaN counts as the worst)."""
+        scores = {}
+        for lr in lrs:
+            run = self.tune_run(task, key, lr)
+            if run.done():
+                r = json.loads((run.folder / "results.json").read_text())
+                value = r["metrics"].get(r["main_metric"], float("nan"))
+                scores[lr] = -math.inf if math.isnan(value) else value
+        return scores
+
+    def tune_lrs(self, task: str, key: str) -> tuple[list[float], float | None]:
+        """The learning rates to try (the grid, extended by ×5 steps while the best is at an end, at most
+        ``EXTEND`` times) and the chosen one (None until every value tried has a result)."""
+        lrs = list(lr_grid(key))
+        for extension in range(EXTEND + 1):
+            scores = self.tune_scores(task, key, lrs)
+            if len(scores) < len(lrs):
+                return lrs, None
+            best = max(sorted(lrs), key=lambda lr: scores[lr])  # ties: the smaller step
+            if extension == EXTEND or min(lrs) < best < max(lrs):
+                return lrs, best
+            lrs = [*lrs, round(best * 5, 12)] if best == max(lrs) else [round(best / 5, 12), *lrs]
+        return lrs, None
+
     def tune(self) -> list[Run]:
         return [self.tune_run(task, key, lr) for task in self.tasks for key in self.table_a if key != "head_only"
-                for lr in lr_grid(key)]
+                for lr in self.tune_lrs(task, key)[0]]
 
     def chosen_lr(self) -> dict[str, dict[str, float]]:
-        """{task: {method key: learning rate}}: the best held-out main metric of each tuning grid."""
+        """{task: {method key: learning rate}}: the best held-out main metric of each (extended) tuning grid."""
         path = self.out / "lr.json"
         table: dict[str, dict[str, float]] = json.loads(path.read_text()) if path.exists() else {}
         for task in self.tasks:
             for key in self.table_a:
-                if key == "head_only":
-                    continue
-                scores = {}
-                for lr in lr_grid(key):
-                    run = self.tune_run(task, key, lr)
-                    if run.done():
-                        r = json.loads((run.folder / "results.json").read_text())
-                        value = r["metrics"].get(r["main_metric"], float("nan"))
-                        scores[lr] = -math.inf if math.isnan(value) else value
-                if len(scores) == len(lr_grid(key)):  # ties: the smaller step
-                    table.setdefault(task, {})[key] = max(sorted(scores), key=lambda lr: scores[lr])
+                if key != "head_only" and (chosen := self.tune_lrs(task, key)[1]) is not None:
+                    table.setdefault(task, {})[key] = chosen
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
         return table
@@ -238,9 +255,14 @@ def main() -> None:
                 print("  ", " ".join(r.command()[1:]))
             continue
         print(f"[grid] stage {name}: {len(runs)} runs", flush=True)
-        failed = launch(runs, args.jobs, out)
-        if failed:
-            print(f"[grid] stage {name}: {len(failed)} failed (see {out / 'grid.log'} and their results.json)")
+        while True:  # tune: each round's results may extend a learning-rate grid
+            failed = launch(runs, args.jobs, out)
+            if failed:
+                print(f"[grid] stage {name}: {len(failed)} failed (see {out / 'grid.log'} and their results.json)")
+            more = grid.stage(name)
+            if failed or {str(r.folder) for r in more} <= {str(r.folder) for r in runs}:
+                break
+            runs = more
     if not args.dry_run and "tune" in stages:
         grid.chosen_lr()
 

@@ -1,0 +1,171 @@
+"""The replication's tables from its runs (whatever stages are complete; a missing stage is skipped).
+
+    python experiments/replication/tables.py [RUNS] [OUT_DIR]     # defaults: runs/ and this folder
+
+Writes into OUT_DIR (Markdown, LaTeX and CSV each, through ``speft.report``):
+
+* ``separation.md``: per task, the majority-class score of its reported split and the best Table A
+  mean; a task whose best method is not 5 points above it (a correlation: not clearly above zero)
+  "does not separate" and is left out of the averages and paired tests below;
+* ``tuning.*``: the held-out score of every method at every learning rate, and ``lr.json``'s choices;
+* ``table_a.*``: every metric (static, global) and the baselines, mean ± 95 % t interval over seeds,
+  with each row's paired difference from ``sparse/grad`` (``table_a_paired.csv``);
+* ``table_b.*``: ``grad`` and ``fisher`` × mask schedule × selection (Table A's static global cells
+  included), paired against ``grad/static/global``;
+* ``warmup.*``: scoring through the fresh head (Table A) vs after 20 head warm-up steps;
+* ``density.*``: ``grad``, ``random`` and LoRA at lora:1 to lora:32 on the density task;
+* ``lm.*``: the causal-LM panel, the reference solutions' token NLL (lower is better) and exact match.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+
+from speft.report import load_records, pivot
+from speft.report.collect import ReportError
+from speft.report.tables import paired_csv, paired_latex, paired_markdown, to_csv, to_latex, to_markdown
+
+HERE = Path(__file__).resolve().parent
+MARGIN = 5.0  # points above the majority class that make a task "separate" (the issue's rule)
+CORRELATION_FLOOR = 10.0  # a correlation (×100) clearly above zero
+
+
+def write(out: Path, name: str, table, reference: str | None = None) -> str:
+    md, tex = to_markdown(table), to_latex(table)
+    if reference and reference in table.rows:
+        md += "\n" + paired_markdown(table, reference)
+        tex += "\n" + paired_latex(table, reference)
+        (out / f"{name}_paired.csv").write_text(paired_csv(table, reference))
+    (out / f"{name}.md").write_text(md)
+    (out / f"{name}.tex").write_text(tex)
+    (out / f"{name}.csv").write_text(to_csv(table))
+    print(f"wrote {out / name}.{{md,tex,csv}}", file=sys.stderr)
+    return md
+
+
+def stage(df: pd.DataFrame, name: str) -> pd.DataFrame:
+    """The runs of one stage (the first folder under RUNS)."""
+    return df[df["run"].map(lambda r: Path(r).parts[-4] == name if len(Path(r).parts) >= 4 else False)]
+
+
+def majority_scores(tasks: list[str], data_dir: str | None) -> dict[str, float]:
+    """Each task's main metric (×100) on its reported split when every prediction is the training set's most
+    frequent label; NaN for regression (a constant has no correlation)."""
+    import numpy as np
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    import speft.components  # noqa: F401  registers the tasks
+    from speft import registry
+    from speft.config import PROJECT_ROOT, validate
+
+    out = {}
+    for task in tasks:
+        with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=["experiment=replication", f"task={task}",
+                                                           *([f"paths.data_dir={data_dir}"] if data_dir else [])])
+        spec = validate(cfg)
+        t = registry.get("task", task).obj(spec.task, spec.paths.resolve("data_dir"))
+        splits = t.splits()
+        labels = [r["label"] for r in splits["train"]]
+        if isinstance(labels[0], float):
+            out[task] = math.nan
+            continue
+        common = Counter(labels).most_common(1)[0][0]
+        gold = [r["label"] for r in splits[t.validation_split]]
+        logits = np.zeros((len(gold), max(2, t.num_labels)))
+        logits[:, common] = 1.0
+        metrics = t.compute_metrics(torch.tensor(logits), torch.tensor(gold))
+        out[task] = 100 * metrics[t.main_metric]
+    return out
+
+
+def separation(table_a, majority: dict[str, float]) -> tuple[list[str], str]:
+    """The tasks that separate, and the Markdown table saying why."""
+    lines = ["| task | majority class | best method (mean) | margin | separates |", "|---|---:|---:|---:|---|"]
+    keep = []
+    for col in table_a.cols:
+        means = {r: table_a.cell(r, col).mean for r in table_a.rows}
+        means = {r: m for r, m in means.items() if not math.isnan(m)}
+        if not means:
+            continue
+        best = max(means, key=means.get)
+        base = majority.get(col, math.nan)
+        ok = means[best] >= CORRELATION_FLOOR if math.isnan(base) else means[best] >= base + MARGIN
+        keep += [col] if ok else []
+        margin = "—" if math.isnan(base) else f"{means[best] - base:+.2f}"
+        lines.append(f"| {col} | {'— (regression)' if math.isnan(base) else f'{base:.2f}'} | {best}: "
+                     f"{means[best]:.2f} | {margin} | {'yes' if ok else 'does not separate'} |")
+    rule = (f"\nA task separates when its best Table A mean is at least {MARGIN:g} points above the majority class "
+            f"of its reported split (a correlation: at least {CORRELATION_FLOOR:g}); only those enter averages and "
+            f"paired tests.\n")
+    return keep, "\n".join(lines) + "\n" + rule
+
+
+def main(argv: list[str]) -> None:
+    runs = Path(argv[0]) if argv else HERE / "runs"
+    out = Path(argv[1]) if len(argv) > 1 else HERE
+    out.mkdir(parents=True, exist_ok=True)
+    df = load_records([runs])
+    if (runs / "lr.json").exists():
+        (out / "lr.md").write_text("Chosen learning rates (held-out main metric, `tune` stage):\n\n```json\n"
+                                   + (runs / "lr.json").read_text() + "```\n")
+    parts = {}
+    tune = stage(df, "tune")
+    if len(tune):
+        parts["tuning"] = pivot(tune, rows=["method.name", "metric.name", "trainer.lr"], interval="ci95")
+    a = stage(df, "a")
+    keep: list[str] = []
+    if len(a):
+        full = pivot(a, interval="ci95")
+        tasks = sorted(a["task.name"].dropna().unique())
+        keep, text = separation(full, majority_scores(tasks, a["paths.data_dir"].dropna().iloc[0]
+                                                      if "paths.data_dir" in a else None))
+        (out / "separation.md").write_text(text)
+        write(out, "table_a_all_tasks", full)
+        if keep:
+            parts["table_a"] = (pivot(a, interval="ci95", filters=[f"task.name={','.join(keep)}"]), "sparse/grad")
+    b = stage(df, "b")
+    if len(b):
+        grad_fisher = a[(a["method.name"] == "sparse") & a["metric.name"].isin(["grad", "fisher"])]
+        both = pd.concat([b, grad_fisher[grad_fisher["task.name"].isin(b["task.name"].unique())]])
+        parts["table_b"] = (pivot(both, rows=["metric.name", "mask.name", "mask.selection"], interval="ci95"),
+                            "grad/static/global")
+    w = stage(df, "warmup")
+    if len(w):
+        same = a[(a["method.name"] == "lora")
+                 | ((a["method.name"] == "sparse") & a["metric.name"].isin(["grad", "magnitude", "random"]))]
+        parts["warmup"] = pivot(pd.concat([w, same[same["task.name"].isin(w["task.name"].unique())]]),
+                                rows=["method.name", "metric.name", "trainer.head_warmup_steps"], interval="ci95")
+    d = stage(df, "density")
+    if len(d):
+        task = d["task.name"].iloc[0]
+        sparse = (a["method.name"] == "sparse") & a["metric.name"].isin(["grad", "random"])
+        base = a[(a["task.name"] == task) & ((a["method.name"] == "lora") | sparse)]
+        parts["density"] = pivot(pd.concat([d, base]), rows=["method.name", "metric.name"], cols=["budget"],
+                                 interval="ci95", average=False)
+    lm = stage(df, "lm")
+    if len(lm):
+        parts["lm"] = (pivot(lm, interval="ci95", scale=1, digits=4, average=False), "sparse/grad")
+        parts["lm_exact_match"] = pivot(lm, interval="ci95", metric="test/flexible_extract", average=False)
+    for name, part in parts.items():
+        table, reference = part if isinstance(part, tuple) else (part, None)
+        write(out, name, table, reference)
+    summary = {"runs": int(len(df)), "completed": int((df["status"] == "completed").sum()),
+               "by_stage": {s: int(len(stage(df, s))) for s in ("tune", "a", "warmup", "b", "density", "lm")},
+               "separating_tasks": keep}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(json.dumps(summary), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except ReportError as e:
+        raise SystemExit(f"tables.py: {e}") from None
