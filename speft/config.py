@@ -228,6 +228,10 @@ RESUME_MODES = ("auto", "never")
 # result and the report's "same config" check all leave them out.
 NON_COMPUTING_KEYS = ("skip_completed", "resume", "trainer.checkpoint_every_steps",
                       "trainer.checkpoint_every_minutes", "trainer.keep_checkpoints")
+# Config keys added after runs were recorded, with the value that computes what those runs computed: a
+# recorded config without the key is the same config as one holding this value (resume, skip_completed).
+ADDED_KEYS = {"trainer.head_warmup_steps": 0, "task.heldout_examples": None, "task.evaluation": "generate",
+              "task.generate_examples": None}
 
 
 @dataclass

@@ -206,3 +206,12 @@ def test_submitit_requeues_a_preempted_job_that_resumes(tmp_path):
     assert outcome(tmp_path / "sweep" / "0") == outcome(tmp_path / "reference")
     data = json.loads((tmp_path / "sweep" / "0" / "results.json").read_text())
     assert data["resumed_from_steps"] == [3] and reference.results["resumed"] == 0
+
+
+def test_a_key_added_later_reads_as_the_value_older_runs_computed():
+    old = {"trainer": {"lr": 0.001}, "task": {"name": "glue/sst2"}}  # recorded before the keys existed
+    new = {"trainer": {"lr": 0.001, "head_warmup_steps": 0}, "task": {"name": "glue/sst2", "heldout_examples": None}}
+    assert checkpoint.differing_keys(old, new) == []
+    new["trainer"]["head_warmup_steps"] = 20
+    assert checkpoint.differing_keys(old, new) == ["trainer.head_warmup_steps"]
+    assert checkpoint.differing_keys(new, old) == ["trainer.head_warmup_steps"]

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from speft.config import NON_COMPUTING_KEYS
+from speft.config import ADDED_KEYS, NON_COMPUTING_KEYS
 from speft.registry import ConfigError
 from speft.results import atomic_write
 
@@ -113,7 +113,8 @@ def previous_hint(meta: Path) -> str:
 
 
 def differing_keys(old: dict, new: dict, ignore: tuple[str, ...] = NON_COMPUTING_KEYS) -> list[str]:
-    """Dotted keys whose values differ between two resolved configs (``ignore``d keys left out)."""
+    """Dotted keys whose values differ between two resolved configs (``ignore``d keys left out; a key of
+    :data:`~speft.config.ADDED_KEYS` missing on one side reads as its value there)."""
     def flat(d: Any, prefix: str = "") -> dict[str, Any]:
         if not isinstance(d, dict):
             return {prefix: d}
@@ -123,7 +124,8 @@ def differing_keys(old: dict, new: dict, ignore: tuple[str, ...] = NON_COMPUTING
         return out
 
     a, b = flat(old), flat(new)
-    return sorted(k for k in a.keys() | b.keys() if k not in ignore and a.get(k) != b.get(k))
+    return sorted(k for k in a.keys() | b.keys()
+                  if k not in ignore and a.get(k, ADDED_KEYS.get(k)) != b.get(k, ADDED_KEYS.get(k)))
 
 
 def resumable(run_dir: Path, config: dict, mode: str, processes: int = 1) -> dict | None:
