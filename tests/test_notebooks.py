@@ -13,11 +13,13 @@ from .conftest import ROOT
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 FIXTURE = ROOT / "tests" / "data" / "results_small"
+# A notebook drawn from committed runs of its own (not the small fixture): notebook -> its runs
+OWN_RUNS = {"replication": ROOT / "experiments" / "replication" / "runs"}
 RESULTS_LINE = re.compile(r"^RESULTS = .*$", re.M)
 
 
 def test_the_four_notebooks_exist_without_outputs():
-    assert [p.stem for p in NOTEBOOKS] == ["density", "efficiency", "masks", "metric_ablation"]
+    assert [p.stem for p in NOTEBOOKS] == ["density", "efficiency", "masks", "metric_ablation", "replication"]
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         code = [c for c in nb.cells if c.cell_type == "code"]
@@ -27,8 +29,10 @@ def test_the_four_notebooks_exist_without_outputs():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_on_the_fixture(path, tmp_path):
+    """Each notebook on the small fixture, or on its own committed runs (OWN_RUNS)."""
     nb = nbformat.read(path, as_version=4)
-    nb.cells[0].source = RESULTS_LINE.sub(f"RESULTS = {str(FIXTURE)!r}", nb.cells[0].source, count=1)
+    results = OWN_RUNS.get(path.stem, FIXTURE)
+    nb.cells[0].source = RESULTS_LINE.sub(f"RESULTS = {str(results)!r}", nb.cells[0].source, count=1)
     NotebookClient(nb, timeout=300, kernel_name="python3",
                    resources={"metadata": {"path": str(path.parent)}}).execute()  # raises on a cell's error
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]

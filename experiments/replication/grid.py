@@ -30,6 +30,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -217,10 +218,12 @@ def launch(runs: list[Run], jobs: int, log_dir: Path) -> list[Run]:
         run.folder.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+        # stderr to a file, not a pipe: a run outlives an interrupted driver without a broken pipe
+        with tempfile.TemporaryFile("w+") as err:
+            proc = subprocess.run(run.command(), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
+            err.seek(0)
+            status = "ok" if proc.returncode == 0 else f"FAILED ({proc.returncode}): {err.read().strip()[-400:]}"
         with open(log_dir / "grid.log", "a") as log:
-            proc = subprocess.run(run.command(), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                  text=True)
-            status = "ok" if proc.returncode == 0 else f"FAILED ({proc.returncode}): {proc.stderr.strip()[-400:]}"
             log.write(f"{time.strftime('%H:%M:%S')} {time.time() - t0:6.1f}s {run.folder} {status}\n")
         if proc.returncode:
             failed.append(run)

@@ -25,11 +25,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 from speft.report.collect import ReportError, apply_filters, natural_key, uses_salience
 from speft.report.tables import default_rows, row_label, run_value
 
 FORMATS = ("png", "pdf")
+READABLE = {"method.name": "method", "metric.name": "metric", "mask.name": "mask", "mask.selection": "selection",
+            "trainer.lr": "learning rate", "budget": "budget", "model.name": "model", "task.name": "task",
+            "trainer.head_warmup_steps": "head warm-up steps"}  # axis and legend names for config keys
+
+
+def plt_colour(i: int) -> tuple:
+    from matplotlib import colormaps
+
+    return colormaps["tab20"](i)
 
 
 def save(fig: Figure, stem: str | Path, formats: Iterable[str] = FORMATS) -> list[Path]:
@@ -81,29 +91,49 @@ def density_sweep(df: pd.DataFrame, rows: list[str] | None = None, value: str = 
     """Main metric vs the trainable fraction of the target entries (log x), one line per row label
     (default: method and metric, and the mask factors that vary; not the budget, which is the x axis),
     mean over seeds with ±1 std error bars; one panel per task."""
+    return sweep_curves(df, x, "trainable fraction of the target weights", rows, value, metric, scale, filters,
+                        leave_out=("budget", "density"))
+
+
+def lr_sweep(df: pd.DataFrame, rows: list[str] | None = None, value: str = "final", metric: str | None = None,
+             scale: float = 100.0, filters: Iterable[str] = ()) -> Figure:
+    """Main metric vs the learning rate (log x), one line per method: how much a verdict depends on the step."""
+    return sweep_curves(df, "trainer.lr", "learning rate", rows, value, metric, scale, filters,
+                        leave_out=("trainer.lr",))
+
+
+def sweep_curves(df: pd.DataFrame, x: str, xlabel: str, rows: list[str] | None, value: str, metric: str | None,
+                 scale: float, filters: Iterable[str], leave_out: tuple[str, ...] = ()) -> Figure:
+    """The main metric against the numeric key ``x`` (log scale), one line per row label, mean over seeds
+    (±1 std error bars where a point has more than one run); one panel per task."""
     data = values_frame(df, value, metric, scale, filters)
-    data = data[data[x].notna()]
+    data = data[data[x].notna()] if x in data else data.iloc[0:0]
     if data.empty:
         raise ReportError(f"no completed run with a value and a '{x}' to plot")
-    rows = rows or [k for k in default_rows(data) if k not in ("budget", "density")]
+    rows = rows or [k for k in default_rows(data) if k not in leave_out]
     data["label"] = [row_label(rec, rows)[0] for _, rec in data.iterrows()]
     labels = sorted(data["label"].unique(), key=lambda r: (not r.startswith("sparse"), natural_key(r)))
-    colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}  # the same line colour in every panel
+    # the same line colour in every panel; past ten lines, tab20's colours and dashes keep them apart
+    palette = [f"C{i}" for i in range(10)] if len(labels) <= 10 else [plt_colour(i) for i in range(20)]
+    colours = {label: palette[i % len(palette)] for i, label in enumerate(labels)}
+    styles = {label: "-" if i < len(palette) else "--" for i, label in enumerate(labels)}
     tasks = sorted(data["task.name"].unique(), key=natural_key)
     fig, axes = _panels(len(tasks))
+    several = False
     for ax, task in zip(axes, tasks):
         sub = data[data["task.name"] == task]
         for label in labels:
             if not (sub["label"] == label).any():
                 continue
-            points = (sub[sub["label"] == label].groupby("budget", dropna=False)
-                      .agg(x=(x, "mean"), y=("value", "mean"), err=("value", _sem), n=("value", "size"))
-                      .sort_values("x"))
-            ax.errorbar(points["x"], points["y"], yerr=points["err"], marker="o", capsize=3, label=label,
-                        color=colours[label])
+            points = (sub[sub["label"] == label].groupby(x).agg(y=("value", "mean"), err=("value", _sem),
+                                                                n=("value", "size")).sort_index())
+            several |= bool((points["n"] > 1).any())
+            ax.errorbar(points.index, points["y"], yerr=points["err"] if (points["n"] > 1).any() else None,
+                        marker="o", capsize=3, label=label, color=colours[label], linestyle=styles[label])
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # decade labels only: minor ones overlap
         ax.set_title(task)
-        ax.set_xlabel("trainable fraction of the target weights")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(_ylabel(value, scale, metric))
         ax.grid(alpha=0.3, which="both")
     handles = {}
@@ -111,8 +141,8 @@ def density_sweep(df: pd.DataFrame, rows: list[str] | None = None, value: str = 
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
     shown = [label for label in labels if label in handles]
-    fig.legend([handles[label] for label in shown], shown, loc="outside right upper", fontsize="small",
-               title=", ".join(rows))
+    title = " / ".join(READABLE.get(k, k) for k in rows) + ("\n(bars: ±1 std over seeds)" if several else "")
+    fig.legend([handles[label] for label in shown], shown, loc="outside right upper", fontsize="small", title=title)
     return fig
 
 
@@ -425,5 +455,5 @@ def write_figures(df: pd.DataFrame, out: str | Path, overlap: str | Path | None 
     return done
 
 
-__all__ = ["density_sweep", "efficiency_bars", "find_overlap", "mask_bars", "mask_heatmap", "module_density",
-           "overlap_from_records", "overlap_heatmap", "parse_module", "save", "write_figures"]
+__all__ = ["density_sweep", "efficiency_bars", "find_overlap", "lr_sweep", "mask_bars", "mask_heatmap",
+           "module_density", "overlap_from_records", "overlap_heatmap", "parse_module", "save", "write_figures"]
