@@ -137,6 +137,7 @@ class RunConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     # Trainable entries: a fraction in (0, 1], an integer count, or "lora:<r>".
     density: Any = "lora:8"
+    debug_run: bool = False  # set by debug=fast: the result is marked, and reports leave it out unless asked
     seed: int = 42
     # A run whose folder already holds a completed results.json of the same config returns that
     # result instead of training again (re-launching a sweep finishes only what is missing).
@@ -230,8 +231,8 @@ NON_COMPUTING_KEYS = ("skip_completed", "resume", "trainer.checkpoint_every_step
                       "trainer.checkpoint_every_minutes", "trainer.keep_checkpoints")
 # Config keys added after runs were recorded, with the value that computes what those runs computed: a
 # recorded config without the key is the same config as one holding this value (resume, skip_completed).
-ADDED_KEYS = {"trainer.head_warmup_steps": 0, "task.heldout_examples": None, "task.evaluation": "generate",
-              "task.generate_examples": None}
+ADDED_KEYS = {"debug_run": False, "trainer.head_warmup_steps": 0, "task.heldout_examples": None,
+              "task.evaluation": "generate", "task.generate_examples": None}
 
 
 @dataclass
@@ -251,7 +252,7 @@ class Spec:
     skip_completed: bool
     raw: DictConfig  # the composed config, for logging
     resume: str = "auto"
-
+    debug_run: bool = False  # debug=fast: the result is marked and left out of reports
     def resolved(self) -> dict:
         """The composed config with every interpolation resolved (Hydra's own node left out)."""
         raw = OmegaConf.masked_copy(self.raw, [k for k in self.raw if k != "hydra"])
@@ -264,7 +265,7 @@ def validate(cfg: DictConfig) -> Spec:
     for f in fields(RunConfig):
         node = cfg.get(f.name) if f.name in cfg else None
         if node is None or (isinstance(node, DictConfig) and node._is_missing()):
-            if f.name in ("density", "seed", "skip_completed", "resume"):
+            if f.name in ("density", "seed", "skip_completed", "resume", "debug_run"):
                 continue
             raise ConfigError(f"Config group '{f.name}' is not set. Available: {', '.join(option_names(f.name))}")
         if f.name in COMPONENT_GROUPS:
@@ -284,6 +285,7 @@ def validate(cfg: DictConfig) -> Spec:
     check(isinstance(cfg.get("seed"), int), f"seed={cfg.get('seed')!r} must be an integer")
     skip = cfg.get("skip_completed", False)
     check(isinstance(skip, bool), f"skip_completed={skip!r} must be true or false")
+    check(isinstance(cfg.get("debug_run", False), bool), f"debug_run={cfg.get('debug_run')!r} must be true or false")
     resume = cfg.get("resume", "auto")
     check_choice("resume", resume, RESUME_MODES)
     budget = Budget.parse(cfg.get("density"))

@@ -293,11 +293,14 @@ def test_a_real_sweep_gives_four_cells_per_task(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads(p.read_text()) for p in (tmp_path / "sweep").glob("*/results.json")]
     assert len(results) == 4 and all(r["status"] == "completed" for r in results)
-    table = pivot(load_records([tmp_path / "sweep"]))
+    with pytest.raises(ReportError, match="4 debug runs left out: --include-debug shows them"):
+        pivot(load_records([tmp_path / "sweep"]))  # debug=fast runs are left out unless asked for
+    table = pivot(load_records([tmp_path / "sweep"]), include_debug=True)
     assert table.row_keys == ["method.name", "metric.name", "mask.name"]
     for col in table.cols:
         assert sum(table.cell(r, col).n == 1 for r in table.rows) == 4
-    assert table.rows == ["sparse/grad/reselect", "sparse/grad/static", "sparse/snip/reselect", "sparse/snip/static"]
+    assert table.rows == [f"{r} (debug)" for r in ("sparse/grad/reselect", "sparse/grad/static",
+                                                   "sparse/snip/reselect", "sparse/snip/static")]
     assert not table.failures and not table.notes
 
 

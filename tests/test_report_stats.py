@@ -118,3 +118,23 @@ def test_cli_writes_the_paired_outputs(tmp_path, capsys):
     assert "Paired differences from sparse/grad" in (tmp_path / "t.md").read_text()
     assert "sign-flip" in (tmp_path / "t.tex").read_text()
     assert (tmp_path / "t_paired.csv").read_text().startswith("row,reference,column,pairs")
+
+
+def test_debug_runs_are_left_out_unless_asked_for_and_then_marked(tmp_path):
+    write_results(tmp_path)
+    debug = tmp_path / "debug"
+    debug.mkdir()
+    record = json.loads((tmp_path / "0" / "results.json").read_text())
+    record["config"]["debug_run"] = True
+    record["metrics"]["validation/accuracy"] = 0.53125
+    (debug / "results.json").write_text(json.dumps(record))
+    df = load_records([tmp_path])
+    table = pivot(df)
+    assert not any("debug" in r for r in table.rows) and "Left out: 1 debug runs" in " ".join(table.footer())
+    marked = pivot(df, include_debug=True)
+    assert any(r.endswith(" (debug)") for r in marked.rows)
+    from speft.config import validate
+
+    from .conftest import compose_cfg
+
+    assert validate(compose_cfg("debug=fast")).raw.debug_run is True and compose_cfg().debug_run is False

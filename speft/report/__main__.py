@@ -61,6 +61,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", choices=tuple(INTERVALS), default="std",
                    help="what a cell's ± shows: the sample std (default) or the 95 %% t interval of the mean")
     p.add_argument("--paired", metavar="ROW", help="add each row's paired difference from ROW (e.g. sparse/grad)")
+    p.add_argument("--include-debug", action="store_true",
+                   help="include debug=fast runs (left out by default), marked '(debug)'")
     p.add_argument("--no-average", dest="average", action="store_false", help="no Average column")
     p.add_argument("--out", type=Path, metavar="PREFIX", help="write PREFIX.md, PREFIX.tex and PREFIX.csv")
     p.add_argument("--figures", type=Path, metavar="DIR", help="write the figures the runs support (PNG, PDF)")
@@ -80,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
             print("\n".join(available_keys(df)))
             return
         table = pivot(df, rows=args.rows, cols=args.cols, value=args.value, metric=args.metric, scale=args.scale,
-                      filters=args.filter, digits=args.digits, average=args.average, interval=args.interval)
+                      filters=args.filter, digits=args.digits, average=args.average, interval=args.interval,
+                      include_debug=args.include_debug)
         md, tex, outputs = to_markdown(table), to_latex(table), {}
         if args.paired:
             md += "\n" + paired_markdown(table, args.paired)
@@ -101,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
 
             overlap = args.overlap or next(filter(None, map(find_overlap, args.sources)), None)
             written = write_figures(df, args.figures, overlap=overlap, value=args.value, metric=args.metric,
-                                    scale=args.scale, rows=args.rows, filters=args.filter)
+                                    scale=args.scale, rows=args.rows, filters=args.filter,
+                                    include_debug=args.include_debug)
             for name, result in written.items():
                 print(f"{name}: {result if isinstance(result, str) else ', '.join(map(str, result))}", file=sys.stderr)
     except ReportError as e:

@@ -267,6 +267,17 @@ def parse_filter(raw: str) -> tuple[str, bool, set]:
 SALIENCE_GROUPS = ("metric.", "mask.")  # config groups that only matter to methods with a salience mask
 
 
+def is_debug(df: pd.DataFrame) -> pd.Series:
+    """Which runs are debug runs (``debug=fast`` records ``debug_run: true``)."""
+    return df["debug_run"].map(lambda v: v is True) if "debug_run" in df else pd.Series(False, index=df.index)
+
+
+def without_debug(df: pd.DataFrame, include_debug: bool = False) -> tuple[pd.DataFrame, int]:
+    """The runs a report shows: debug runs left out unless ``include_debug``; and how many were left out."""
+    debug = is_debug(df)
+    return (df, 0) if include_debug else (df[~debug], int(debug.sum()))
+
+
 def apply_filters(df: pd.DataFrame, filters: Iterable[str]) -> pd.DataFrame:
     """The runs matching every filter (``key=value``, ``key!=value``, values a comma list). Filters on
     ``metric.*`` and ``mask.*`` keys leave the runs of methods without a salience mask (LoRA, full...) in:

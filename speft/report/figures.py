@@ -27,7 +27,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
-from speft.report.collect import ReportError, apply_filters, natural_key, uses_salience
+from speft.report.collect import ReportError, apply_filters, is_debug, natural_key, uses_salience, without_debug
 from speft.report.tables import default_rows, row_label, run_value
 
 FORMATS = ("png", "pdf")
@@ -55,9 +55,10 @@ def save(fig: Figure, stem: str | Path, formats: Iterable[str] = FORMATS) -> lis
 
 
 def values_frame(df: pd.DataFrame, value: str = "final", metric: str | None = None, scale: float = 100.0,
-                 filters: Iterable[str] = ()) -> pd.DataFrame:
-    """The completed runs with a finite main-metric value, as ``df`` plus a ``value`` column (scaled)."""
-    df = apply_filters(df, filters)
+                 filters: Iterable[str] = (), include_debug: bool = False) -> pd.DataFrame:
+    """The completed runs with a finite main-metric value, as ``df`` plus a ``value`` column (scaled); debug runs
+    only with ``include_debug`` (their labels say "(debug)")."""
+    df = without_debug(apply_filters(df, filters), include_debug)[0]
     df = df[df["status"] == "completed"].copy()
     df["value"] = [run_value(rec, value, metric)[1] * scale for _, rec in df.iterrows()]
     return df[df["value"].notna()]
@@ -87,26 +88,28 @@ def _sem(values: pd.Series) -> float:
 
 
 def density_sweep(df: pd.DataFrame, rows: list[str] | None = None, value: str = "final", metric: str | None = None,
-                  scale: float = 100.0, filters: Iterable[str] = (), x: str = "trainable_fraction") -> Figure:
+                  scale: float = 100.0, filters: Iterable[str] = (), x: str = "trainable_fraction",
+                  include_debug: bool = False) -> Figure:
     """Main metric vs the trainable fraction of the target entries (log x), one line per row label
     (default: method and metric, and the mask factors that vary; not the budget, which is the x axis),
     mean over seeds with ±1 std error bars; one panel per task."""
     return sweep_curves(df, x, "trainable fraction of the target weights", rows, value, metric, scale, filters,
-                        leave_out=("budget", "density"))
+                        leave_out=("budget", "density"), include_debug=include_debug)
 
 
 def lr_sweep(df: pd.DataFrame, rows: list[str] | None = None, value: str = "final", metric: str | None = None,
-             scale: float = 100.0, filters: Iterable[str] = ()) -> Figure:
+             scale: float = 100.0, filters: Iterable[str] = (), include_debug: bool = False) -> Figure:
     """Main metric vs the learning rate (log x), one line per method: how much a verdict depends on the step."""
     return sweep_curves(df, "trainer.lr", "learning rate", rows, value, metric, scale, filters,
-                        leave_out=("trainer.lr",))
+                        leave_out=("trainer.lr",), include_debug=include_debug)
 
 
 def sweep_curves(df: pd.DataFrame, x: str, xlabel: str, rows: list[str] | None, value: str, metric: str | None,
-                 scale: float, filters: Iterable[str], leave_out: tuple[str, ...] = ()) -> Figure:
+                 scale: float, filters: Iterable[str], leave_out: tuple[str, ...] = (),
+                 include_debug: bool = False) -> Figure:
     """The main metric against the numeric key ``x`` (log scale), one line per row label, mean over seeds
     (±1 std error bars where a point has more than one run); one panel per task."""
-    data = values_frame(df, value, metric, scale, filters)
+    data = values_frame(df, value, metric, scale, filters, include_debug)
     data = data[data[x].notna()] if x in data else data.iloc[0:0]
     if data.empty:
         raise ReportError(f"no completed run with a value and a '{x}' to plot")
@@ -151,12 +154,12 @@ def sweep_curves(df: pd.DataFrame, x: str, xlabel: str, rows: list[str] | None, 
 
 
 def mask_bars(df: pd.DataFrame, average_metrics: bool = True, value: str = "final", metric: str | None = None,
-              scale: float = 100.0, filters: Iterable[str] = ()) -> Figure:
+              scale: float = 100.0, filters: Iterable[str] = (), include_debug: bool = False) -> Figure:
     """Grouped bars per task. ``average_metrics``: one group per mask schedule (``mask.name``), one bar per
     selection (``mask.selection``), the mean over salience metrics of their seed means (error bars: std
     over metrics, or over seeds when there is one metric). Else one group per metric and one bar per
     schedule/selection pair (error bars: std over seeds)."""
-    data = values_frame(df, value, metric, scale, filters)
+    data = values_frame(df, value, metric, scale, filters, include_debug)
     data = data[data["salience"].map(uses_salience)]
     if data.empty:
         raise ReportError("no completed sparse (salience) run to compare masks")
@@ -400,15 +403,15 @@ def efficiency_bars(bench: pd.DataFrame) -> Figure:
 
 def write_figures(df: pd.DataFrame, out: str | Path, overlap: str | Path | None = None, value: str = "final",
                   metric: str | None = None, scale: float = 100.0, rows: list[str] | None = None,
-                  filters: Iterable[str] = ()) -> dict[str, list[Path] | str]:
+                  filters: Iterable[str] = (), include_debug: bool = False) -> dict[str, list[Path] | str]:
     """Every figure the runs support, as ``<out>/<name>.png`` and ``.pdf``; returns name -> paths, or
     name -> the reason it was skipped (e.g. a single density: no sweep to plot).
 
     ``overlap``: an overlap JSON; without it the overlap figure is computed from the runs' score files
-    when they still exist (one task)."""
+    when they still exist (one task). Debug runs only with ``include_debug`` (a figure holding any says so)."""
     out = Path(out)
-    df = apply_filters(df, filters)
-    common = {"value": value, "metric": metric, "scale": scale}
+    df = without_debug(apply_filters(df, filters), include_debug)[0]
+    common = {"value": value, "metric": metric, "scale": scale, "include_debug": include_debug}
     done: dict[str, list[Path] | str] = {}
 
     def attempt(name: str, make) -> None:
@@ -417,6 +420,8 @@ def write_figures(df: pd.DataFrame, out: str | Path, overlap: str | Path | None 
         except ReportError as e:
             done[name] = f"skipped: {e}"
             return
+        if is_debug(df).any():
+            fig.suptitle("includes debug runs (debug=fast)", color="C3")
         done[name] = save(fig, out / name)
 
     # The density sweep: the sparse runs of the mask schedule and selection with the most budgets (and the

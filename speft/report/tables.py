@@ -26,6 +26,7 @@ from speft.report.collect import (
     check_keys,
     natural_key,
     uses_salience,
+    without_debug,
 )
 from speft.results import LOWER_IS_BETTER, higher_is_better
 
@@ -229,7 +230,8 @@ def row_label(rec: pd.Series, keys: list[str]) -> tuple[str, tuple]:
     parts = [str(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not parts and not salience:  # rows by metric only: a baseline is its method ("lora")
         parts = [str(rec.get("method.name"))]
-    return ("/".join(parts) or "(none)"), values
+    debug = " (debug)" if rec.get("debug_run") is True else ""  # debug runs are shown only when asked for
+    return ("/".join(parts) or "(none)") + debug, values
 
 
 def col_label(rec: pd.Series, keys: list[str]) -> str:
@@ -238,7 +240,7 @@ def col_label(rec: pd.Series, keys: list[str]) -> str:
 
 def pivot(df: pd.DataFrame, rows: list[str] | None = None, cols: list[str] | None = None, value: str = "final",
           metric: str | None = None, scale: float = 100.0, filters: list[str] = (), digits: int | None = None,
-          average: bool = True, interval: str = "std") -> Table:
+          average: bool = True, interval: str = "std", include_debug: bool = False) -> Table:
     """The table of ``df``'s runs (see the module docstring). ``rows``/``cols``: dotted keys (default
     :func:`default_rows` and ``task.name``); ``value``: ``final`` or ``best``; ``metric``: instead of each
     task's main metric; ``filters``: ``key=value`` strings; ``scale``: 100 for percent."""
@@ -246,9 +248,10 @@ def pivot(df: pd.DataFrame, rows: list[str] | None = None, cols: list[str] | Non
         raise ReportError(f"--value {value!r}: choose final or best")
     if interval not in INTERVALS:
         raise ReportError(f"--interval {interval!r}: choose {' or '.join(INTERVALS)}")
-    df = apply_filters(df, filters)
+    df, left_out = without_debug(apply_filters(df, filters), include_debug)
     if df.empty:
-        raise ReportError(f"no runs left after the filters {', '.join(filters)}")
+        raise ReportError(f"no runs left after the filters {', '.join(filters)}"
+                          + (f" ({left_out} debug runs left out: --include-debug shows them)" if left_out else ""))
     rows = list(rows) if rows else default_rows(df)
     cols = list(cols) if cols else list(DEFAULT_COLS)
     check_keys(df, rows, "--rows")
@@ -290,6 +293,8 @@ def pivot(df: pd.DataFrame, rows: list[str] | None = None, cols: list[str] | Non
         table.notes.append(f"Completed without a value for {', '.join(keys)} ({len(no_value)} runs; a NaN metric "
                            f"or a key this run does not report; see --metric): " + ", ".join(sorted(no_value["run"])))
     table.notes += mixed_cell_notes(df, long, rows, cols)
+    if left_out:
+        table.notes.append(f"Left out: {left_out} debug runs (debug=fast; --include-debug shows them, marked).")
     return table
 
 
