@@ -173,41 +173,45 @@ def mask_bars(df: pd.DataFrame, average_metrics: bool = True, value: str = "fina
             metrics = seed_means["metric.name"].nunique()
             if metrics > 1:
                 bars = seed_means.groupby(["mask.name", "mask.selection"])["mean"].agg(mean="mean", std=_sem)
-                note = f"mean of {metrics} metrics (± std over metrics)"
+                what, spread = f"mean of {metrics} metrics", "± std over metrics"
             else:
                 bars = seed_means.set_index(["mask.name", "mask.selection"])[["mean", "std"]]
-                note = f"{seed_means['metric.name'].iloc[0]} (± std over seeds)"
+                what, spread = seed_means["metric.name"].iloc[0], "± std over seeds"
             groups, hue = "mask.name", "mask.selection"
         else:
             bars = seed_means.assign(pair=seed_means["mask.name"] + "/" + seed_means["mask.selection"])
             bars = bars.set_index(["metric.name", "pair"])[["mean", "std"]]
-            note = "± std over seeds"
-            groups, hue = "metric.name", "pair"
-        _grouped(ax, bars, groups, hue)
-        ax.set_title(f"{task}\n{note}", fontsize="medium")
+            what, spread = "", "± std over seeds"
+            groups, hue = "metric.name", "mask/selection"
+            bars.index = bars.index.set_names(["metric.name", hue])
+        drawn = _grouped(ax, bars, groups, hue)  # error bars only where n > 1
+        note = ", ".join(t for t in (what, spread if drawn else "") if t)
+        ax.set_title(f"{task}\n{note}" if note else task, fontsize="medium")
         ax.set_ylabel(_ylabel(value, scale, metric))
     return fig
 
 
-def _grouped(ax, bars: pd.DataFrame, groups: str, hue: str) -> None:
-    """Bars of ``bars`` (index: group, hue; columns mean, std) grouped by the index's first level."""
+def _grouped(ax, bars: pd.DataFrame, groups: str, hue: str) -> bool:
+    """Bars of ``bars`` (index: group, hue; columns mean, std) grouped by the index's first level; returns
+    whether error bars were drawn (only where something varies)."""
     group_names = sorted(bars.index.get_level_values(0).unique(), key=natural_key)
     hue_names = sorted(bars.index.get_level_values(1).unique(), key=natural_key)
     width = 0.8 / len(hue_names)
     pos = np.arange(len(group_names))
+    spread = bool((bars["std"].fillna(0) > 0).any())  # error bars only where something varies (n > 1)
     for i, h in enumerate(hue_names):
         means = [bars["mean"].get((g, h), np.nan) for g in group_names]
-        stds = [bars["std"].get((g, h), np.nan) for g in group_names]
+        stds = [bars["std"].get((g, h), np.nan) for g in group_names] if spread else None
         ax.bar(pos + (i - (len(hue_names) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=h)
-    ax.set_xticks(pos, group_names, rotation=30 if len(group_names) > 4 else 0)
-    ax.set_xlabel(groups)
-    finite = [v for v in bars["mean"] if not math.isnan(v)]
-    if finite:  # bars of similar heights: zoom in rather than start at 0
-        lo, hi = min(finite), max(finite)
-        pad = max((hi - lo) * 0.5, abs(hi) * 0.02, 1e-9) + float(bars["std"].fillna(0).max())
-        ax.set_ylim(lo - pad, hi + pad)
-    ax.legend(title=hue, fontsize="small")
+    rotated = len(group_names) > 4
+    ax.set_xticks(pos, group_names, rotation=30 if rotated else 0)
+    ax.set_xlabel(READABLE.get(groups, groups))
+    ax.set_ylim(bottom=0)  # bars start at zero: their lengths compare
+    ax.legend(title=READABLE.get(hue, hue), fontsize="small", loc="upper center",
+              bbox_to_anchor=(0.5, -0.4 if rotated else -0.25), ncols=min(len(hue_names), 4),
+              frameon=False)  # below the axes: it covers no bar
     ax.grid(axis="y", alpha=0.3)
+    return spread
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,16 +280,16 @@ def mask_heatmap(data: pd.DataFrame | dict, by: str | None = None, which: str = 
         if df.empty:
             raise ReportError(f"no completed run with a per-module mask ('{which}')")
         if by:
-            groups = [(f"{by}={k}", list(g[which])) for k, g in df.groupby(by, sort=False)]
+            groups = [(f"{READABLE.get(by, by)}: {k}", list(g[which])) for k, g in df.groupby(by, sort=False)]
             groups.sort(key=lambda t: natural_key(t[0]))
         else:
             groups = [(f"{len(df)} run(s)", list(df[which]))]
-    tables = [(title, module_density(masks), len(masks)) for title, masks in groups]
-    vmax = max(float(np.nanmax(t.to_numpy())) for _, t, _ in tables) or 1.0
+    tables = [(title, 100 * module_density(masks), len(masks)) for title, masks in groups]  # percent
+    vmax = max(float(np.nanmax(t.to_numpy())) for _, t, _ in tables) or 100.0
     first = tables[0][1]
     fig, axes = _panels(len(tables), width=1.0 + 0.75 * first.shape[1], height=1.2 + 0.32 * first.shape[0],
                         ncols=4)
-    image, annotated = None, False
+    image = None
     for ax, (title, table, n) in zip(axes, tables):
         image = ax.imshow(table.to_numpy(dtype=float), aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax)
         ax.set_xticks(range(table.shape[1]), table.columns, rotation=45, ha="right")
@@ -294,12 +298,11 @@ def mask_heatmap(data: pd.DataFrame | dict, by: str | None = None, which: str = 
         ax.set_ylabel("layer")
         ax.set_title(f"{title}" + (f" (mean of {n})" if n > 1 else ""), fontsize="medium")
         if annotate if annotate is not None else table.size <= 100:
-            annotated = True
             for (i, j), v in np.ndenumerate(table.to_numpy(dtype=float)):
                 if not math.isnan(v):
-                    ax.text(j, i, f"{100 * v:.1f}", ha="center", va="center", fontsize=7,
+                    ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7,
                             color="white" if v < 0.6 * vmax else "black")
-    fig.colorbar(image, ax=axes, label="selected fraction" + (" (numbers: %)" if annotated else ""))
+    fig.colorbar(image, ax=axes, label="entries selected (%)")
     return fig
 
 
