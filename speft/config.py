@@ -78,6 +78,10 @@ class TrainerConfig:
     # salience is scored through a trained head; 0 = the released code: scored through the fresh head.
     head_warmup_steps: int = 0
     weight_decay: float = 0.0  # decay of a sparse delta pulls it towards the pretrained weight
+    fused_adamw: Optional[bool] = None  # AdamW's fused kernel; null: on CUDA (the usual GPU choice), off elsewhere
+    # TF32 matmuls on CUDA (several times faster for fp32 weights on A100/H100, ~10-bit mantissa products);
+    # null: on for CUDA; it changes numerics, so the run records it
+    tf32: Optional[bool] = None
     scheduler: str = "linear"  # transformers.get_scheduler name
     warmup_ratio: float = 0.0  # fraction of steps with linear warm-up
     max_grad_norm: Optional[float] = 1.0  # gradient clipping; null disables
@@ -232,7 +236,8 @@ NON_COMPUTING_KEYS = ("skip_completed", "resume", "trainer.checkpoint_every_step
 # Config keys added after runs were recorded, with the value that computes what those runs computed: a
 # recorded config without the key is the same config as one holding this value (resume, skip_completed).
 ADDED_KEYS = {"debug_run": False, "trainer.head_warmup_steps": 0, "task.heldout_examples": None,
-              "task.evaluation": "generate", "task.generate_examples": None}
+              "task.evaluation": "generate", "task.generate_examples": None, "trainer.fused_adamw": None,
+              "trainer.tf32": None}
 
 
 @dataclass

@@ -37,7 +37,7 @@ from speft.salience.scorer import Scorer
 from speft.sparse.layer import sparse_layers
 from speft.train import checkpoint
 from speft.train.checkpoint import Interrupted, StopRequest
-from speft.train.loop import Checkpointing, predict, train
+from speft.train.loop import Checkpointing, predict, set_tf32, train
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,14 @@ def check_combination(spec: Spec, task) -> None:
     if not task.new_head and getattr(method_cls, "head_only", False):
         raise ConfigError(f"method={spec.method.name} trains only a new task head; task={spec.task.name} keeps "
                           f"its pretrained LM head, so nothing would train. Use another method")
+    training = spec.trainer.max_steps != 0
+    if training and spec.model.dtype == "float16":
+        raise ConfigError("model.dtype=float16 trains without a loss scaler here, so small gradients underflow to "
+                          "zero; use model.dtype=bfloat16 (same memory, fp32's range) or float32")
+    if training and spec.method.name == "full" and spec.model.dtype != "float32":
+        raise ConfigError(f"method=full with model.dtype={spec.model.dtype}: AdamW would update the "
+                          f"{spec.model.dtype} weights in place, where updates smaller than the weight's last bit "
+                          f"round away; use model.dtype=float32 for full fine-tuning")
     check_world(spec, distributed.world_size_from_env())
 
 
@@ -309,6 +317,7 @@ def _execute(plan: Plan, run_dir: Path, logger, record: RunRecord, timings: dict
     set_seed(spec.seed)
     state = RunState(spec, plan.task, run_dir, record, timings, dist.device(device_for(spec.trainer.device)),
                      config=plan.config, resume=plan.resume, stop=stop, logger=logger, dist=dist)
+    record.update(tf32=set_tf32(spec.trainer, state.device))  # changes numerics: recorded
     load_data_and_model(state)
     if spec.trainer.head_warmup_steps:
         warm_up_head(state)

@@ -104,6 +104,29 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple
     return torch.cat(logits), torch.cat(labels)
 
 
+def use_fused(cfg: TrainerConfig, device: torch.device) -> bool:
+    """``trainer.fused_adamw``, or by default fused on CUDA (the usual GPU choice) and not elsewhere."""
+    return cfg.fused_adamw if cfg.fused_adamw is not None else device.type == "cuda"
+
+
+def set_tf32(cfg: TrainerConfig, device: torch.device) -> bool:
+    """TF32 matmuls on CUDA per ``trainer.tf32`` (null: on for CUDA); returns whether they are on."""
+    on = device.type == "cuda" and (cfg.tf32 if cfg.tf32 is not None else True)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = on
+        torch.backends.cudnn.allow_tf32 = on
+    return on
+
+
+def step_optimizer(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
+    """``optimizer.step()``. A fused AdamW updates its parameters without bumping their version counters, which
+    modules that cache derived state read (the sparse layer re-merges its weight when ``values`` changed), so
+    the step bumps them itself."""
+    optimizer.step()
+    if optimizer.defaults.get("fused"):
+        torch.autograd.graph.increment_version(params)
+
+
 def data_generator(loader: DataLoader) -> torch.Generator | None:
     """The generator that fixes the loader's order (the sampler's, or the loader's own)."""
     return getattr(loader.sampler, "generator", None) or loader.generator
@@ -132,7 +155,8 @@ def train(
     from transformers import get_scheduler
 
     steps = total_steps(cfg, len(loader))
-    optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=use_fused(cfg, device))
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=round(cfg.warmup_ratio * steps),
                               num_training_steps=steps)
     if on_start is not None:
@@ -166,7 +190,8 @@ def train(
 
     def save() -> Path:
         nonlocal saved_at, saved_path
-        mine = {"running": running, "n_running": n_running, "rng": rng_state()}
+        # a Python number: a device tensor would come back on the CPU (map_location) and mix devices
+        mine = {"running": float(running), "n_running": n_running, "rng": rng_state()}
         loop_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                       "train_state": asdict(state), "epoch_rng": epoch_rng, **mine,
                       # data-parallel: every rank's own (dropout streams differ), in rank order
@@ -208,7 +233,7 @@ def train(
                 dist.average_gradients(params)
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
+            step_optimizer(optimizer, params)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
