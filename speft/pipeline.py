@@ -369,7 +369,7 @@ def load_data_and_model(state: RunState) -> None:
         state.splits = task.splits()
     with timed(state.timings, "model_load_s"):
         state.tokenizer = load_tokenizer(spec.model, cache_dir)
-        state.model = load_model(spec.model, task.head, task.num_labels, cache_dir).to(state.device)
+        state.model = load_model(spec.model, task.head, task.num_labels, cache_dir, device=state.device)
     with timed(state.timings, "data_s"):
         # Generative tasks evaluate raw rows with their own evaluator; only training examples are encoded.
         state.encoded = {name: task.encode(state.tokenizer, rows)

@@ -81,3 +81,35 @@ def test_half_precision_that_would_lose_updates_is_refused(overrides, message, t
     with pytest.raises(ConfigError, match=message):
         preflight(compose_cfg(*overrides), tmp_path)
     assert preflight(compose_cfg(*overrides, "trainer.max_steps=0"), tmp_path)  # evaluating as loaded is fine
+
+
+def test_no_cpu_measured_plan_on_a_device_without_measured_costs():
+    from speft.sparse.layer import candidate_plans
+
+    idx = torch.arange(0, 64 * 64, 7)  # a strided mask: on the CPU a structured plan would be offered
+    assert len(candidate_plans(idx, (64, 64))) > 1
+    plans = candidate_plans(idx.to("meta"), (64, 64))  # any device type but the CPU's (CUDA here)
+    assert [p.kind for p, _ in plans] == ["dense"]
+
+
+def test_an_accelerator_gets_the_weights_through_device_map(monkeypatch):
+    """Loading for CUDA passes device_map (weights straight to the device), never a host copy first."""
+    from transformers import AutoModelForSequenceClassification
+
+    from speft.models import loading
+
+    seen = {}
+    real = AutoModelForSequenceClassification.from_pretrained
+
+    def spy(source, **kwargs):
+        seen.update(kwargs)
+        kwargs.pop("device_map", None)  # no CUDA here: load on the CPU, as the spy's caller will not move it
+        return real(source, **kwargs)
+
+    monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained", spy)
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: self)  # no CUDA to move to
+    loading.load_model(compose_cfg().model, "seq_cls", 2, device=torch.device("cuda", 0))
+    assert seen["device_map"] == {"": torch.device("cuda", 0)}
+    seen.clear()
+    loading.load_model(compose_cfg().model, "seq_cls", 2, device=torch.device("cpu"))
+    assert "device_map" not in seen

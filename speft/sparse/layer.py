@@ -34,6 +34,10 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta 
 # Per device type: one entry of the sampled product (a dot product over the tokens) costs about this many
 # dense-product entries; devices without a measured figure do not use it (CUDA: not measured yet).
 SAMPLED_COST = {"cpu": 6.0}
+# Device types whose structure costs (BAND, GATHER_COST, BLOCK_COST) were measured: CPU. Elsewhere (CUDA until
+# the GPU check measures them) the values' gradient comes from one dense product: thousands of small block
+# kernels per micro-batch would likely cost more than one GEMM, and building them syncs the device.
+STRUCTURED = ("cpu",)
 
 
 @dataclass
@@ -167,13 +171,15 @@ def _sampled_plan(idx: torch.Tensor, wide: torch.Tensor, rows: torch.Tensor, col
 def candidate_plans(indices: torch.Tensor, shape: tuple[int, int]) -> list[tuple[GradPlan, int]]:
     """Every structure for these flat indices with its estimated cost: dense, rows × columns, row
     bands, column bands and, on devices with a measured cost, the sampled product (or only "empty"
-    when there is no index). ``indices`` are kept as given (the layer's buffer) in each plan."""
+    when there is no index; only dense on a device type outside :data:`STRUCTURED`). ``indices`` are kept as given (the layer's buffer) in each plan."""
     out_f, in_f = shape
     dense_n = out_f * in_f
     idx = indices.reshape(-1)
     if idx.numel() == 0:
         return [(GradPlan("empty", idx, [], None, 0, dense_n), 0)]
     dense = GradPlan("dense", idx, [_Block(slice(None), slice(None), idx, out_f, in_f)], None, dense_n, dense_n)
+    if idx.device.type not in STRUCTURED:
+        return [(dense, dense_n + BLOCK_COST)]
     wide = idx.to(torch.int64)
     rows, cols = torch.div(wide, in_f, rounding_mode="floor"), wide % in_f
     blk, cost = _block(rows, cols)
