@@ -171,7 +171,8 @@ def _sampled_plan(idx: torch.Tensor, wide: torch.Tensor, rows: torch.Tensor, col
 def candidate_plans(indices: torch.Tensor, shape: tuple[int, int]) -> list[tuple[GradPlan, int]]:
     """Every structure for these flat indices with its estimated cost: dense, rows × columns, row
     bands, column bands and, on devices with a measured cost, the sampled product (or only "empty"
-    when there is no index; only dense on a device type outside :data:`STRUCTURED`). ``indices`` are kept as given (the layer's buffer) in each plan."""
+    when there is no index; only dense on a device type outside :data:`STRUCTURED`). ``indices`` are kept
+    as given (the layer's buffer) in each plan."""
     out_f, in_f = shape
     dense_n = out_f * in_f
     idx = indices.reshape(-1)
