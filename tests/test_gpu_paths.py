@@ -113,3 +113,33 @@ def test_an_accelerator_gets_the_weights_through_device_map(monkeypatch):
     seen.clear()
     loading.load_model(compose_cfg().model, "seq_cls", 2, device=torch.device("cpu"))
     assert "device_map" not in seen
+
+
+def test_scoring_checkpoints_activations_when_asked_and_scores_the_same():
+    """With gradient checkpointing the scoring pass recomputes each layer in backward (its activations are not
+    kept), in eval mode otherwise: the same gradients as without it."""
+    from speft.models.loading import find_targets, load_model
+    from speft.salience.base import target_gradients
+
+    def score(checkpointing: bool) -> tuple[dict, int]:
+        torch.manual_seed(0)
+        model = load_model(compose_cfg().model, "seq_cls", 2)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        targets = find_targets(model, "bert", "attention", None)
+        calls = []
+        for layer in model.bert.encoder.layer:  # a child: the layer's own hooks stay outside the checkpoint
+            layer.intermediate.register_forward_hook(lambda *a: calls.append(1))
+        grads = {}
+        batch = {"input_ids": torch.randint(1000, 2000, (2, 12)), "labels": torch.tensor([0, 1]),
+                 "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+        with target_gradients(model, targets, lambda n, g: grads.__setitem__(n, g.clone())):
+            model(**batch).loss.backward()
+        assert not model.training
+        return grads, len(calls)
+
+    plain, plain_calls = score(False)
+    checkpointed, checkpointed_calls = score(True)
+    assert checkpointed_calls == 2 * plain_calls == 12  # each of the 6 layers run again in backward
+    for name, g in plain.items():
+        torch.testing.assert_close(checkpointed[name], g)

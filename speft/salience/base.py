@@ -82,8 +82,10 @@ def target_gradients(model: nn.Module, targets: dict[str, nn.Linear],
                      fold: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
     """Within the block only target weights require grad, and each target's gradient is handed to
     ``fold(name, grad)`` as soon as autograd has accumulated it, then freed. The model is in eval mode
-    (no dropout: scores are a property of the pretrained weights). Flags and mode are restored after,
-    and no parameter keeps a ``.grad``."""
+    (no dropout: scores are a property of the pretrained weights), except for the modules that checkpoint
+    activations (``gradient_checkpointing_enable``): transformers checkpoints only in training mode, and a
+    7B model's scoring pass would otherwise keep every layer's activations. Flags and mode are restored
+    after, and no parameter keeps a ``.grad``."""
     saved = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     handles = []
@@ -101,6 +103,9 @@ def target_gradients(model: nn.Module, targets: dict[str, nn.Linear],
 
             handles.append(w.register_post_accumulate_grad_hook(hook))
         model.eval()
+        for m in model.modules():
+            if getattr(m, "gradient_checkpointing", False) is True:
+                m.training = True  # this module alone: its children (dropout, attention) stay in eval mode
         yield
     finally:
         model.train(was_training)
