@@ -143,3 +143,14 @@ def test_scoring_checkpoints_activations_when_asked_and_scores_the_same():
     assert checkpointed_calls == 2 * plain_calls == 12  # each of the 6 layers run again in backward
     for name, g in plain.items():
         torch.testing.assert_close(checkpointed[name], g)
+
+
+def test_a_checkpoint_copies_trainable_weights_to_the_host():
+    """(On the CPU a host copy is still a copy: it must not share storage with the live parameter.)"""
+    model = nn.Sequential(nn.Linear(4, 4))
+    state = checkpoint.trainable_state(model)
+    weight = state["params"]["0.weight"]
+    assert weight.device.type == "cpu" and weight.data_ptr() != model[0].weight.data_ptr()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    assert not torch.equal(weight, model[0].weight)

@@ -177,7 +177,8 @@ def trainable_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | N
     values = {id(layer.values) for layer in layers.values()}
     names = {id(p): n for n, p in model.named_parameters()}
     return {"sparse": {n: layer.checkpoint_state() for n, layer in layers.items()},
-            "params": {n: p.detach().clone() for n, p in model.named_parameters()
+            # host copies: a clone on the accelerator would double a `full` run's weights there while saving
+            "params": {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()
                        if p.requires_grad and id(p) not in values},
             "optimizer_order": [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
             if optimizer is not None else None}
