@@ -125,3 +125,15 @@ def test_wandb_auto_mode_is_online_only_with_credentials(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert resolve_mode("auto") == "offline"
     assert resolve_mode("disabled") == "disabled" and resolve_mode("online") == "online"
+
+
+def test_a_diverging_run_stops_failed_with_the_step_and_a_hint(tmp_path):
+    """A learning rate that overflows the weights: the run ends `failed` at the first non-finite gradient,
+    naming the step and the learning rate, instead of training on NaN and reporting the majority class."""
+    from speft.train.loop import Diverged
+
+    with pytest.raises(Diverged, match=r"at optimizer step 2 \(learning rate 8e\+29\).*Lower trainer.lr"):
+        run(compose_cfg("debug=fast", "logger=none", "trainer.lr=1e30", "task.max_eval_examples=8",
+                        "method.save_adapter=false"), run_dir=tmp_path)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["status"] == "failed" and data["error"]["type"] == "Diverged"

@@ -109,6 +109,26 @@ def use_fused(cfg: TrainerConfig, device: torch.device) -> bool:
     return cfg.fused_adamw if cfg.fused_adamw is not None else device.type == "cuda"
 
 
+class Diverged(RuntimeError):
+    """The loss or the gradient became NaN or infinite: the run stops before the optimizer applies it."""
+
+
+def check_finite(params: list[torch.Tensor], cfg: TrainerConfig, step: int, lr: float) -> None:
+    """Clip the gradients to ``trainer.max_grad_norm`` (when set) and stop on a non-finite norm, before the
+    step: training on NaN would run to the end and report the majority class as a result. One device sync
+    per optimizer step (the norm), as clipping with ``error_if_nonfinite`` costs."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if cfg.max_grad_norm:
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    if not torch.isfinite(norm):
+        raise Diverged(f"the gradient norm is {float(norm)} at optimizer step {step} (learning rate {lr:.3g}): the "
+                       f"loss or its gradient overflowed. Lower trainer.lr (now {cfg.lr:g})"
+                       + ("" if cfg.max_grad_norm else " or clip gradients (trainer.max_grad_norm=1.0)")
+                       + "; the last checkpoint before it, if any, is kept")
+
+
 def set_tf32(cfg: TrainerConfig, device: torch.device) -> bool:
     """TF32 matmuls on CUDA per ``trainer.tf32`` (null: on for CUDA); returns whether they are on."""
     on = device.type == "cuda" and (cfg.tf32 if cfg.tf32 is not None else True)
@@ -231,8 +251,7 @@ def train(
             params = [p for g in optimizer.param_groups for p in g["params"]]
             if dist.enabled:
                 dist.average_gradients(params)
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            check_finite(params, cfg, state.step + 1, scheduler.get_last_lr()[0])
             step_optimizer(optimizer, params)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
