@@ -149,13 +149,17 @@ PROBLEMS = [
 ]
 
 
-def test_batched_generation_equals_unbatched_and_writes_jsonl(tmp_path):
+def test_batched_generation_equals_unbatched_and_writes_jsonl(tmp_path, monkeypatch):
     tok = tiny_tokenizer()
     model = tiny_llama(len(tok))
     model.train()  # evaluate must switch to eval and restore
     side = tok.padding_side
+    clock = iter([100.0, 102.5])  # the generation's start and end: throughput = problems / 2.5 s
+    monkeypatch.setattr(gsm8k.time, "perf_counter", lambda: next(clock, 102.5))
     one = gsm8k.evaluate(model, tok, PROBLEMS, EXEMPLARS, max_new_tokens=12, batch_size=1,
                          predictions_path=tmp_path / "b1.jsonl")
+    monkeypatch.undo()
+    assert one["problems_per_s"] == pytest.approx(len(PROBLEMS) / 2.5)
     four = gsm8k.evaluate(model, tok, PROBLEMS, EXEMPLARS, max_new_tokens=12, batch_size=4,
                           predictions_path=tmp_path / "b4.jsonl")
     assert model.training and tok.padding_side == side
@@ -169,7 +173,7 @@ def test_batched_generation_equals_unbatched_and_writes_jsonl(tmp_path):
     assert rows4[0]["target"] == "72"
     assert one["num_examples"] == four["num_examples"] == len(PROBLEMS)
     assert one["strict_match"] == four["strict_match"] and one["flexible_extract"] == four["flexible_extract"]
-    assert four["problems_per_s"] > 0
+    assert four["problems_per_s"] > 0  # the real clock (the figure itself is checked on the fixed one above)
 
     # greedy: the same as a plain unpadded generate, cut at the stop strings
     prompt = gsm8k.build_prompt(PROBLEMS[3]["question"], EXEMPLARS)

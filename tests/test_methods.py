@@ -4,6 +4,7 @@ parameters change."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -26,14 +27,22 @@ def test_every_method_runs_and_trains_only_its_parameters(name, tmp_path):
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["status"] == "completed" and "test/accuracy" in data["metrics"]
     assert data["trainable"]["head"] == HEAD
-    torch.manual_seed(0)
+    from transformers import set_seed
+
+    set_seed(42)  # the run's seed, set right before it loads the model: the same fresh head
     fresh = load_model(compose_cfg().model, "seq_cls", 2).state_dict()
     # wrapped layers keep the base weight as `.base_layer.` (PEFT) or `.base.` (sparse)
     trained = {k.replace(".base_layer.", ".").replace(".base.", "."): v for k, v in result.model.state_dict().items()}
     unchanged = [k for k in fresh if k in trained and torch.equal(fresh[k], trained[k])]
     changed = [k for k in fresh if k in trained and not torch.equal(fresh[k], trained[k])]
+    head = {"classifier.weight", "classifier.bias"}
+    assert head <= set(changed)  # every method trains the new head (method.train_head=true)
     if name == "head_only":
-        assert set(changed) <= {"classifier.weight", "classifier.bias"} and data["trainable_params"] == HEAD
+        assert set(changed) == head and data["trainable_params"] == HEAD
+    if name == "sparse":  # the merged delta: only the attention projections' weights move, and some do
+        body = [k for k in changed if k not in head]
+        assert body and all(re.search(r"attention\.(self\.(query|key|value)|output\.dense)\.weight$", k)
+                            for k in body), body
     if name == "full":
         assert any("intermediate" in k for k in changed)  # the body trains too
     if name in ("lora", "dora"):

@@ -116,8 +116,9 @@ def test_dense_weight_gradient_is_returned_when_asked_for_rescoring():
     layer.weight.requires_grad_(True)  # what salience scoring does during reselect/regrow
     x, g = torch.randn(2, 3, 16), torch.randn(2, 3, 12)
     layer(x).backward(g)
-    torch.testing.assert_close(layer.weight.grad, g.reshape(-1, 12).t() @ x.reshape(-1, 16))
-    assert layer.values.grad is not None
+    dense = g.reshape(-1, 12).t() @ x.reshape(-1, 16)
+    torch.testing.assert_close(layer.weight.grad, dense)
+    torch.testing.assert_close(layer.values.grad, layer.scaling * dense.reshape(-1)[layer.indices.long()])
 
 
 # --- the values' gradient from the plan's blocks equals the dense product's, whatever the mask ----------------

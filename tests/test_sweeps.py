@@ -94,7 +94,9 @@ def test_a_failed_result_is_run_again_under_skip_completed(tmp_path):
 
 
 def test_skip_completed_must_be_a_boolean():
-    with pytest.raises(Exception, match="skip_completed"):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="skip_completed"):
         compose_cfg("skip_completed=maybe")
 
 
