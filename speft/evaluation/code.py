@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from speft.evaluation.sandbox import Limits, check_opt_in, run_program
+from speft.tasks.lm import read_jsonl
 
 
 def humaneval_problems() -> dict[str, dict]:
@@ -57,22 +58,6 @@ def score(problems: dict[str, dict], completions: Iterable[dict], *, allow: bool
     return (sum(r["passed"] for r in records) / len(records) if records else 0.0), records
 
 
-def read_completions(path: Path) -> list[dict]:
-    rows = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise SystemExit(f"{path}:{n}: not a JSON object ({e})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("task_id"), str) \
-                or not isinstance(row.get("completion"), str):
-            raise SystemExit(f"{path}:{n}: expected {{\"task_id\": str, \"completion\": str}}")
-        rows.append(row)
-    return rows
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m speft.evaluation.code", description=__doc__.split("\n\n")[0])
     p.add_argument("completions", type=Path, help="JSONL: task_id, completion")
@@ -83,11 +68,10 @@ def main(argv: list[str] | None = None) -> None:
     if not args.completions.is_file():
         p.error(f"{args.completions} does not exist")
     try:
-        rate, records = score(humaneval_problems(), read_completions(args.completions), allow=args.allow_exec,
-                              workers=args.workers, limits=Limits(timeout_s=args.timeout))
-    except PermissionError as e:
-        p.error(str(e))
-    except ValueError as e:
+        rows = read_jsonl(args.completions, ("task_id", "completion"))  # errors name the file and line
+        rate, records = score(humaneval_problems(), rows, allow=args.allow_exec, workers=args.workers,
+                              limits=Limits(timeout_s=args.timeout))
+    except (PermissionError, ValueError) as e:  # no opt-in; a malformed line (DataError) or an unknown task
         p.error(str(e))
     out = args.completions.with_suffix(".results.jsonl")
     out.write_text("".join(json.dumps(r) + "\n" for r in records))
