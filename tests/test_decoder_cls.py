@@ -30,9 +30,8 @@ def tiny_opt(tmp_path_factory):
 
 @pytest.mark.parametrize("method", ["sparse", "lora"])
 def test_opt_classification_runs_with_matched_budgets(tiny_opt, method, tmp_path):
-    budget = "method.rank=2" if method == "lora" else "density=lora:2"
     cfg = compose_cfg("debug=fast", "logger=none", "model=opt_350m", f"model.name_or_path={tiny_opt}",
-                      f"method={method}", "method.targets=qkv", budget)
+                      f"method={method}", "method.targets=qkv", "density=lora:2")  # one budget: LoRA's rank too
     result = run(cfg, run_dir=tmp_path)
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["status"] == "completed"

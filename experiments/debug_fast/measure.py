@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # Packaged models and the tasks each can run here (QNLI, CoLA, QQP and MNLI have no local training files;
 # the encoder has no causal-LM head for GSM8K and MMLU)
 COMBOS = [("minilm", t) for t in ("rotten_tomatoes", "glue/sst2", "glue/mrpc", "glue/rte", "glue/stsb")] + \
-         [("smollm2_135m", t) for t in ("rotten_tomatoes", "glue/sst2", "glue/stsb", "gsm8k", "mmlu")]
+         [("smollm2_135m", t) for t in ("rotten_tomatoes", "glue/sst2", "glue/mrpc", "glue/rte", "glue/stsb", "gsm8k",
+                                        "mmlu")]
 
 
 def measure(model: str, task: str) -> dict:
