@@ -237,7 +237,7 @@ NON_COMPUTING_KEYS = ("skip_completed", "resume", "trainer.checkpoint_every_step
 # recorded config without the key is the same config as one holding this value (resume, skip_completed).
 ADDED_KEYS = {"debug_run": False, "trainer.head_warmup_steps": 0, "task.heldout_examples": None,
               "task.evaluation": "generate", "task.generate_examples": None, "trainer.fused_adamw": None,
-              "trainer.tf32": None}
+              "trainer.tf32": None, "metric.reduction": "example", "metric.attention": "eager"}
 
 
 @dataclass

@@ -30,7 +30,8 @@ OPTIONS = [(g, o) for g in GROUPS for o in option_files(g)]
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_every_option_composes_and_validates(group, option):
+def test_every_option_composes_and_validates(group, option, monkeypatch):
+    monkeypatch.setenv("HF_ALLOW_CODE_EVAL", "1")  # task=code validates only with the user's opt-in
     cfg = compose_cfg(f"{group}={option}")
     spec = validate(cfg)
     node = getattr(spec, group)
@@ -140,12 +141,14 @@ def test_cli_rejects_bad_config_quickly_and_writes_nothing(tmp_path, args, expec
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 OWN_SEEDS = {"gsm8k_llama32_3b_peft": 0, "mini_study": 1,  # the PEFT benchmark's seed; the mini-study's
-             "mmlu_gemma2_2b": 242, "mmlu_gemma2_2b_lora": 242}  # run_sparse_mmlu.sh / run_lora_mmlu.sh --seed=242
+             "mmlu_gemma2_2b": 242, "mmlu_gemma2_2b_lora": 242,  # run_sparse_mmlu.sh / run_lora_mmlu.sh --seed=242
+             "mmlu_gemma2_2b_pissa": 242}  # run_pissa_mmlu.sh --seed=242
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_preset_composes_and_validates(name):
-    spec = validate(compose_cfg(f"experiment={name}"))
+    opt_in = ["task.allow_code_execution=true"] if name.startswith("code_") else []  # the user's, never a preset's
+    spec = validate(compose_cfg(f"experiment={name}", *opt_in))
     assert spec.seed == OWN_SEEDS.get(name, 42)  # the study's seed, unless the preset follows another protocol
 
 
@@ -166,6 +169,8 @@ def test_the_study_glue_preset_has_its_hyperparameters():
     assert (lora.name, lora.rank, lora.alpha, lora.dropout) == ("lora", 8, 8, 0.05)
     pissa = validate(compose_cfg("experiment=glue_opt350m_pissa")).method
     assert pissa.svd_niter == 4
+    assert not lora.train_head and not pissa.train_head  # the released GLUE baselines keep the head frozen too
+    assert t.group_by_length is False  # the released GLUE training shuffles
     pissa_cls = registry.get("method", "pissa").obj
     assert pissa_cls(pissa).peft_options == {"init_lora_weights": "pissa_niter_4"}  # sparse_peft.py's fast SVD
     assert pissa_cls(validate(compose_cfg("method=pissa")).method).peft_options == {"init_lora_weights": "pissa"}
@@ -179,6 +184,29 @@ def test_every_experiment_value_cites_its_source():
     missing = [f"{path.name}:{n}: {line.strip()}" for path in sorted((CONF / "experiment").glob("*.yaml"))
                for n, line in enumerate(path.read_text().splitlines(), 1) if value.match(line) and "#" not in line]
     assert not missing, "values without a source comment:\n" + "\n".join(missing)
+
+
+def test_the_released_code_task_and_baseline_presets():
+    """Issue 20: the code scripts' values, the LLM baselines' sparse_args.py defaults (r 64, α 16, dropout
+    0.05), RoBERTa-base on query/value for the GLUE baselines, PiSSA LLM presets with the fast SVD."""
+    code = validate(compose_cfg("experiment=code_gemma2_2b", "task.allow_code_execution=true"))
+    t = code.trainer
+    assert (code.model.name, code.task.name, code.task.benchmark, code.task.template, code.task.max_length) == (
+        "gemma2_2b", "code", "humaneval", "pissa", 512)
+    assert (t.epochs, t.lr, t.batch_size, t.grad_accum_steps, t.warmup_ratio, t.scheduler) == (1, 2e-5, 4, 4, 0.03,
+                                                                                                "cosine")
+    assert (code.budget.kind, code.budget.value) == ("count", 25_559_040) and code.mask.selection == "global"
+    for name in ("gsm8k_gemma2_2b_lora", "mmlu_gemma2_2b_lora", "gsm8k_gemma2_2b_pissa", "mmlu_gemma2_2b_pissa",
+                 "code_llama3_8b_lora", "code_llama3_8b_pissa"):
+        opt_in = ["task.allow_code_execution=true"] if name.startswith("code_") else []
+        m = validate(compose_cfg(f"experiment={name}", *opt_in)).method
+        assert (m.rank, m.alpha, m.dropout) == (64, 16.0, 0.05), name
+        assert getattr(m, "svd_niter", 4) == 4, name
+    for name in ("glue_roberta_base_lora", "glue_roberta_base_pissa"):
+        spec = validate(compose_cfg(f"experiment={name}"))
+        assert (spec.model.name, spec.method.targets, spec.method.rank, spec.method.train_head) == (
+            "roberta_base", "qv", 8, False)
+        assert spec.budget.resolve({f"l{i}.{p}": (768, 768) for i in range(12) for p in "qv"}) == 294_912
 
 
 def test_the_released_llm_recipes():

@@ -219,6 +219,67 @@ def test_grasp_equals_an_explicit_hessian_vector_product(temperature, tiny):
         torch.testing.assert_close(scores[n], expected[n].view(s), atol=1e-4 * top, rtol=1e-4)
 
 
+class TinyCausalLM(torch.nn.Module):
+    """Embedding -> two linear layers -> LM head; logits (B, T, V)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.emb = torch.nn.Embedding(20, 8)
+        self.q = torch.nn.Linear(8, 12)
+        self.o = torch.nn.Linear(12, 8)
+        self.head = torch.nn.Linear(8, 20)
+
+    def forward(self, input_ids, attention_mask=None):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.head(self.o(torch.tanh(self.q(self.emb(input_ids))))))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 200.0])
+def test_grasp_batch_reduction_is_the_released_per_batch_token_mean(temperature):
+    """reduction=batch: g and H of the mean, over each half's batches, of the batch's token-mean loss (the
+    released train_step on a causal LM); reduction=example weighs examples equally, which differs when the
+    examples have different numbers of labelled tokens."""
+    import torch.nn.functional as F
+    from torch.func import functional_call
+
+    model = TinyCausalLM()
+    targets = {"q": model.q, "o": model.o}
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for b in range(4):  # two batches per half, 2 sequences of 6 tokens, different labelled lengths
+        ids = torch.randint(0, 20, (2, 6), generator=gen)
+        labels = ids.clone()
+        labels[0, : 1 + b] = -100
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    entry = registry.get("metric", "grasp")
+    scores = entry.obj(entry.schema(temperature=temperature, reduction="batch")).score(context(model, targets, batches))
+    per_example = entry.obj(entry.schema(temperature=temperature)).score(context(model, targets, batches))
+
+    names = list(targets)
+    shapes = [targets[n].weight.shape for n in names]
+    sizes = [s.numel() for s in shapes]
+    flat = torch.cat([targets[n].weight.detach().reshape(-1) for n in names])
+
+    def loss(theta, half):
+        params = {f"{n}.weight": p.view(s) for n, p, s in zip(names, theta.split(sizes), shapes)}
+        total = 0
+        for batch in half:
+            logits = functional_call(model, params, args=(batch["input_ids"],)).logits / temperature
+            total = total + F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=-100)
+        return total / len(half)
+
+    theta = flat.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(loss(theta, batches[:2]), theta)
+    _, hg = torch.autograd.functional.hvp(lambda t: loss(t, batches[2:]), flat.clone(), g)
+    expected = dict(zip(names, (flat * hg).split(sizes)))
+    top = max(float(e.abs().max()) for e in expected.values())
+    for n, s in zip(names, shapes):
+        torch.testing.assert_close(scores[n], expected[n].view(s), atol=1e-4 * top, rtol=1e-4)
+    assert any((per_example[n] - scores[n]).abs().max() > 1e-3 * top for n in names)
+
+
 def test_grasp_uses_twice_the_examples_and_splits_them_in_halves():
     from speft.salience._functional import split_examples
     from speft.salience.grasp import Grasp
@@ -488,3 +549,22 @@ def test_synflow_released_recipe_replaces_the_attention_softmax_of_a_transformer
     query = [n for n in targets if n.endswith("query")]
     total = sum(float(s.sum()) for s in released.values())
     assert query and all(float(released[n].sum()) > 1e-3 * total for n in query)  # kept softmax: ~1e-8 of it
+
+
+def test_synflow_attention_switch_keeps_or_replaces_the_attention_softmax():
+    """attention=eager replaces the attention softmax (eager attention's F.softmax) by the identity;
+    attention=model keeps an SDPA model's own attention, whose softmax stays: different scores. On a
+    model that already runs eager attention the two are the same pass."""
+    from .conftest import tiny_batches
+
+    model, targets = tiny_bert()
+    batches = tiny_batches(n=4, seq=8, batch=2)
+    entry = registry.get("metric", "synflow")
+    score = lambda attention: entry.obj(entry.schema(attention=attention)).score(context(model, targets, batches))
+    model.config._attn_implementation = "sdpa"
+    eager, own = score("eager"), score("model")
+    assert model.config._attn_implementation == "sdpa"
+    assert any(not torch.allclose(eager[n], own[n]) for n in targets)
+    model.config._attn_implementation = "eager"
+    own_eager = score("model")
+    assert all(torch.equal(eager[n], own_eager[n]) for n in targets)

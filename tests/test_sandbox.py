@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from speft.evaluation.code import humaneval_problems, program, score
+from speft.evaluation.code import humaneval_problem, humaneval_problems, score
 from speft.evaluation.sandbox import ExecutionRefused, Limits, check_opt_in, run_program
 
 from .conftest import ROOT
@@ -89,7 +89,9 @@ def test_canonical_solutions_pass_and_empty_completions_fail():
     assert rate == 1.0, [r for r in records if not r["passed"]]
     rate, records = score(problems, [{"task_id": t, "completion": ""} for t in sample[:3]], allow=True)
     assert rate == 0.0 and all(r["status"] == "failed" for r in records)
-    assert program(problems["HumanEval/0"], "    return True\n").endswith("check(has_close_elements)\n")
+    program = humaneval_problem(problems["HumanEval/0"]).program("    return True\n")
+    assert program == (problems["HumanEval/0"]["prompt"] + "    return True\n\n" + problems["HumanEval/0"]["test"]
+                       + "\ncheck(has_close_elements)")  # HF code_eval: candidate + "\n" + test_case
 
 
 def test_the_scoring_command_writes_per_problem_results(tmp_path):

@@ -28,6 +28,7 @@ FAMILIES: dict[str, Family] = {
         presets={
             "attention": _BERT_ATTN,
             "qkv": (r"attention\.self\.(query|key|value)$",),
+            "qv": (r"attention\.self\.(query|value)$",),
             "attention_mlp": _BERT_ATTN + _BERT_MLP,
             "all_linear": _BERT_ATTN + _BERT_MLP,
         },

@@ -33,19 +33,31 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return tokens.sum(1) / counted
 
 
+def batch_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The batch's loss as a Hugging Face head computes it for the whole batch: the mean over examples
+    (classification, regression) or over the batch's labelled tokens (causal LM), not per example."""
+    if logits.dim() == 2:
+        return per_example_loss(logits, labels).mean()
+    shifted, targets = logits[:, :-1].float(), labels[:, 1:]
+    return F.cross_entropy(shifted.transpose(1, 2), targets, ignore_index=-100, reduction="sum") / (
+        (targets != -100).sum().clamp_min(1))
+
+
 def is_regression(logits: torch.Tensor, labels: torch.Tensor) -> bool:
     """A single regression output (B, 1) with float labels: the loss is a squared error."""
     return logits.dim() == 2 and logits.shape[-1] == 1 and labels.is_floating_point()
 
 
-def forward_per_example(model: nn.Module, batch: dict, temperature: float = 1.0) -> torch.Tensor:
-    """Per-example losses of a batch. Cross-entropy losses see the logits divided by ``temperature``;
-    a regression loss never does (as the released code, which tempers ``CrossEntropyLoss`` only)."""
+def forward_per_example(model: nn.Module, batch: dict, temperature: float = 1.0, *,
+                        reduce=per_example_loss) -> torch.Tensor:
+    """Per-example losses of a batch (or ``reduce``'s loss of it). Cross-entropy losses see the logits
+    divided by ``temperature``; a regression loss never does (as the released code, which tempers
+    ``CrossEntropyLoss`` only)."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits, labels = model(**inputs).logits, batch["labels"]
     if temperature != 1.0 and not is_regression(logits, labels):
         logits = logits / temperature
-    return per_example_loss(logits, labels)
+    return reduce(logits, labels)
 
 
 def squared_gradient_mean(ctx: ScoreContext, offload: bool = False) -> dict[str, torch.Tensor]:

@@ -9,6 +9,12 @@ Temperature: as the released code (``model/sparse_peft.py``, ``compute_grasp_sco
 by patching ``CrossEntropyLoss``), cross-entropy losses (classification, language modelling) see
 logits / T; a regression loss (STS-B's single output) is not tempered.
 
+Reduction (``metric.reduction``): ``example`` (default) averages the per-example losses of each half, every
+example weighing the same; ``batch`` averages, over each half's batches, the batch's loss as the model's own
+head computes it, the released code's ``train_step`` (``loss / steps``): for a causal LM the mean over the
+batch's labelled tokens, so long answers weigh more. The two are equal for classification and regression
+with equal batches.
+
 Examples: the metric asks for twice ``num_score_examples`` (``sample_factor = 2``): one half for g,
 the other for H. When the training split holds fewer, the N examples available are split into the
 first ⌈N/2⌉ (for g) and the remaining ⌊N/2⌋ (for H); a single example is used for both.
@@ -25,9 +31,9 @@ from dataclasses import dataclass
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from speft.config import check_positive
+from speft.config import check_choice, check_positive
 from speft.registry import register
-from speft.salience._functional import forward_per_example, split_examples
+from speft.salience._functional import batch_mean_loss, forward_per_example, split_examples
 from speft.salience.base import MetricConfig, SalienceMetric, ScoreContext, accumulators, target_gradients, weight
 
 
@@ -35,10 +41,15 @@ from speft.salience.base import MetricConfig, SalienceMetric, ScoreContext, accu
 class GraspConfig(MetricConfig):
     name: str = "grasp"
     temperature: float = 200.0  # logits / T before a cross-entropy loss (the released code; not regression)
+    reduction: str = "example"  # example: each example weighs the same; batch: the released per-batch loss
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive(self, "metric", "temperature")
+        check_choice("metric.reduction", self.reduction, REDUCTIONS)
+
+
+REDUCTIONS = ("example", "batch")
 
 
 @register("metric", "grasp", schema=GraspConfig)
@@ -50,13 +61,26 @@ class Grasp(SalienceMetric):
         n1 = math.ceil(ctx.num_examples / 2)
         n2 = ctx.num_examples - n1
         second = 0 if n2 == 0 else 1  # a single example: the same half for g and H
+        by_batch = self.cfg.reduction == "batch"
+
+        def loss(batch: dict, examples: int) -> torch.Tensor:
+            """The half's loss term of one batch: a batch mean (summed, then divided by the half's batches
+            at the end: the gradients are linear in it) or the examples' losses over the half's size."""
+            if by_batch:
+                return forward_per_example(model, batch, temp, reduce=batch_mean_loss)
+            return forward_per_example(model, batch, temp).sum() / examples
 
         g = accumulators(targets, self.cfg.offload)
+        batches = torch.zeros(2, device=next(iter(g.values())).device)  # per half (reduction=batch), reduced with g
         with target_gradients(model, targets, lambda name, grad: g[name].add_(grad.to(g[name].device))):
             for part, batch in split_examples(ctx.batches(), n1, ctx.offsets and ctx.offsets()):
+                batches[part] += 1
                 if part == 0:
-                    (forward_per_example(model, batch, temp).sum() / n1).backward()
-        ctx.reduce(g.values())  # data-parallel: g over the whole first half, on every rank
+                    loss(batch, n1).backward()
+        ctx.reduce([*g.values(), batches])  # data-parallel: g over the whole first half, on every rank
+        if by_batch:
+            for buf in g.values():
+                buf.div_(batches[0].item())
 
         hg = accumulators(targets, self.cfg.offload)
         names = list(targets)
@@ -67,11 +91,13 @@ class Grasp(SalienceMetric):
             for part, batch in split_examples(ctx.batches(), n1, ctx.offsets and ctx.offsets()):
                 if part != second:
                     continue
-                loss = forward_per_example(model, batch, temp).sum() / (n2 or n1)
-                grads = torch.autograd.grad(loss, weights, create_graph=True, allow_unused=True)
+                grads = torch.autograd.grad(loss(batch, n2 or n1), weights, create_graph=True, allow_unused=True)
                 z = sum((gr * g[n].to(gr.device, gr.dtype)).sum() for n, gr in zip(names, grads) if gr is not None)
                 del grads
                 if isinstance(z, torch.Tensor) and z.requires_grad:  # else no target is on the loss's path
                     z.backward()
         ctx.reduce(hg.values())
+        if by_batch:  # H over the second half's batches (the first half's when there is a single example)
+            for buf in hg.values():
+                buf.div_(batches[second].item())
         return {name: buf.mul_(weight(targets[name], buf)) for name, buf in hg.items()}

@@ -7,9 +7,13 @@ for an all-ones input on the "linearised" network. Two recipes (``metric.recipe`
   bool per entry, and restored exactly);
 * every *functional* activation of ``torch.nn.functional`` in the released list (relu, gelu, silu,
   tanh, sigmoid, glu, ..., and ``softmax``, ``softmin``, ``log_softmax``) is the identity during the
-  pass, softmax attention included: Hugging Face models run their eager attention for the pass (the
-  released code's commented-out ``hack_forward`` did the same for SDPA attention), whose softmax is
-  ``F.softmax``. Activation modules that call these functions (``nn.GELU``, ``nn.SiLU``, ...) follow;
+  pass. Attention (``metric.attention``): ``eager`` (default) runs Hugging Face models' eager attention for
+  the pass, whose softmax is ``F.softmax`` and so becomes the identity too; ``model`` keeps the model's
+  own implementation, where SDPA's fused softmax is not replaced. The released code patched only
+  ``torch.nn.functional`` and left forcing eager attention commented out (``hack_forward``), so its runs on
+  SDPA models (Qwen2, Gemma-2 on current transformers) most likely kept the attention softmax:
+  ``attention=model`` reproduces that; with one all-ones token that softmax is 1 either way, the identity
+  passes the raw score q·k/√d. Activation modules that call these functions (``nn.GELU``, ``nn.SiLU``, ...) follow;
   code that bypasses them (a function bound at construction, ``torch.tanh``) keeps its non-linearity,
   as in the released code;
 * the input is one all-ones token: ``inputs_embeds`` of shape (1, 1, d) when the model's forward takes
@@ -57,6 +61,7 @@ FUNCTIONAL_ACTIVATIONS = (
     "softshrink", "prelu", "softsign", "tanhshrink", "softmin", "softmax", "log_softmax",
 )
 RECIPES = ("released", "modules")
+ATTENTION = ("eager", "model")
 
 
 def _identity(x, *args, **kwargs):
@@ -133,10 +138,12 @@ def input_embeddings(model: nn.Module) -> nn.Module:
 class SynflowConfig(MetricConfig):
     name: str = "synflow"
     recipe: str = "released"  # released: identity functionals incl. softmax, one all-ones token; modules: see above
+    attention: str = "eager"  # eager: the attention softmax is replaced too; model: the model's own (SDPA keeps it)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("metric.recipe", self.recipe, RECIPES)
+        check_choice("metric.attention", self.attention, ATTENTION)
 
 
 def takes_inputs_embeds(model: nn.Module) -> bool:
@@ -169,7 +176,7 @@ class Synflow(SalienceMetric):
         try:
             with linearized(model, swap_modules=not released), \
                     (identity_functionals() if released else nullcontext()), \
-                    (eager_attention(model) if released else nullcontext()), \
+                    (eager_attention(model) if released and self.cfg.attention == "eager" else nullcontext()), \
                     target_gradients(model, targets, lambda name, g: grads[name].add_(g.to(grads[name].device))):
                 model(**inputs).logits.float().sum().backward()
                 scores = {name: buf.mul_(weight(targets[name], buf)).abs_() for name, buf in grads.items()}

@@ -3,7 +3,8 @@
 Training rows are ``{"prompt", "input", "response"}`` whatever the source; a *template* turns them into
 a prompt text and a response text (``qa``: ``Question: …\\nAnswer: …``, the format GSM8K is evaluated
 in; ``alpaca``: the Stanford Alpaca prompt, also used by MetaMathQA and PiSSA's training script;
-``chat``: the tokenizer's chat template, user turn then assistant turn). The response ends with the
+``pissa``: PiSSA's training prompt, which the released code's LLM scripts follow; ``chat``: the
+tokenizer's chat template, user turn then assistant turn). The response ends with the
 end-of-sequence token so the model learns to stop, and the loss covers the response tokens only
 (``train_on_prompt=true`` to include the prompt). Examples are truncated to ``max_length`` tokens; an
 example left without response tokens is dropped and counted. ``packing=true`` concatenates the
@@ -30,7 +31,7 @@ from speft.tasks.base import ClassificationTask, DataError, TaskConfig
 log = logging.getLogger(__name__)
 
 SOURCES = ("auto", "local", "hub")
-TEMPLATES = ("qa", "alpaca", "chat")
+TEMPLATES = ("qa", "alpaca", "pissa", "chat")
 IGNORE = -100  # label of tokens without loss
 
 ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately "
@@ -38,13 +39,17 @@ ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a respons
 ALPACA_PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides "
                        "further context. Write a response that appropriately completes the request.\n\n"
                        "### Instruction:\n{prompt}\n\n### Input:\n{input}\n\n### Response:\n")
+# PiSSA's training script (GraphPKU/PiSSA train.py, which the released run_math.py and run_code.py follow):
+# no newline after "Response:", and the target is "<output>\n" then EOS
+PISSA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately "
+                "completes the request.\n\n### Instruction:\n{prompt}\n\n### Response:")
 
 
 @dataclass
 class LMTaskConfig(TaskConfig):
     source: str = "auto"  # auto: local files when present, else the Hub; or local / hub
     train_file: Optional[str] = None  # a local training file in its dataset's original layout (overrides the default)
-    template: str = "qa"  # qa | alpaca | chat (the tokenizer's chat template)
+    template: str = "qa"  # qa | alpaca | pissa | chat (the tokenizer's chat template)
     qa_prompt: str = "Question: {prompt}\nAnswer:"  # template=qa: the prompt; {prompt} is the question
     train_on_prompt: bool = False  # false: loss on response tokens only
     packing: bool = False  # concatenate examples into blocks of max_length
@@ -133,6 +138,8 @@ class CausalLMTask(ClassificationTask):
         if self.cfg.template == "alpaca":
             fmt = ALPACA_PROMPT_INPUT if extra else ALPACA_PROMPT
             return fmt.format(prompt=prompt, input=extra), response
+        if self.cfg.template == "pissa":
+            return PISSA_PROMPT.format(prompt=f"{prompt}\n\n{extra}" if extra else prompt), response + "\n"
         question = f"{prompt}\n\n{extra}" if extra else prompt
         return self.cfg.qa_prompt.format(prompt=question), " " + response  # the harness's target delimiter
 
