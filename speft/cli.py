@@ -76,10 +76,22 @@ def entry() -> None:
 class PreflightCallback(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         _checked.clear()
-        _checked.append(_exit_on_error(lambda: preflight(config, Path(config.hydra.run.dir))))
+        plan = _exit_on_error(lambda: preflight(config, Path(config.hydra.run.dir)))
+        if plan.spec.dry_run:  # the estimate, then stop: no run folder, no weights loaded
+            print(dry_run_report(plan))
+            raise SystemExit(0)
+        _checked.append(plan)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         _exit_on_error(lambda: validate(config))  # the values every job shares; each job checks the rest
+
+
+def dry_run_report(plan: Plan) -> str:
+    spec = plan.spec
+    budget = "all weights" if plan.budget is None else f"{plan.budget:,} trainable entries"
+    lines = [f"dry run: model={spec.model.name} task={spec.task.name} method={spec.method.name}: {budget} in "
+             f"{len(plan.shapes)} target modules"]
+    return "\n".join(lines + (plan.memory.lines() if plan.memory is not None else []))
 
 
 def _exit_on_error(fn):

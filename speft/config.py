@@ -149,6 +149,8 @@ class RunConfig:
     # A run folder holding checkpoints of this config: auto resumes from the latest (a different config
     # is refused, naming the keys); never refuses the folder. Checkpoints are removed when a run completes.
     resume: str = "auto"
+    # Pre-flight only: check the config, print the budget and the memory estimate, load and write nothing.
+    dry_run: bool = False
 
 
 cs = ConfigStore.instance()
@@ -231,13 +233,13 @@ COMPONENT_GROUPS = ("task", "method", "metric", "mask", "logger")
 RESUME_MODES = ("auto", "never")
 # Config keys (dotted) that do not change what a run computes: a resume, skip_completed's reuse of a
 # result and the report's "same config" check all leave them out.
-NON_COMPUTING_KEYS = ("skip_completed", "resume", "trainer.checkpoint_every_steps",
+NON_COMPUTING_KEYS = ("skip_completed", "resume", "dry_run", "trainer.checkpoint_every_steps",
                       "trainer.checkpoint_every_minutes", "trainer.keep_checkpoints")
 # Config keys added after runs were recorded, with the value that computes what those runs computed: a
 # recorded config without the key is the same config as one holding this value (resume, skip_completed).
 ADDED_KEYS = {"debug_run": False, "trainer.head_warmup_steps": 0, "task.heldout_examples": None,
               "task.evaluation": "generate", "task.generate_examples": None, "trainer.fused_adamw": None,
-              "trainer.tf32": None, "metric.reduction": "example", "metric.attention": "eager"}
+              "trainer.tf32": None, "metric.reduction": "example", "metric.attention": "eager", "dry_run": False}
 
 
 @dataclass
@@ -258,6 +260,7 @@ class Spec:
     raw: DictConfig  # the composed config, for logging
     resume: str = "auto"
     debug_run: bool = False  # debug=fast: the result is marked and left out of reports
+    dry_run: bool = False  # pre-flight only
     def resolved(self) -> dict:
         """The composed config with every interpolation resolved (Hydra's own node left out)."""
         raw = OmegaConf.masked_copy(self.raw, [k for k in self.raw if k != "hydra"])
@@ -270,7 +273,7 @@ def validate(cfg: DictConfig) -> Spec:
     for f in fields(RunConfig):
         node = cfg.get(f.name) if f.name in cfg else None
         if node is None or (isinstance(node, DictConfig) and node._is_missing()):
-            if f.name in ("density", "seed", "skip_completed", "resume", "debug_run"):
+            if f.name in ("density", "seed", "skip_completed", "resume", "debug_run", "dry_run"):
                 continue
             raise ConfigError(f"Config group '{f.name}' is not set. Available: {', '.join(option_names(f.name))}")
         if f.name in COMPONENT_GROUPS:
@@ -290,7 +293,8 @@ def validate(cfg: DictConfig) -> Spec:
     check(isinstance(cfg.get("seed"), int), f"seed={cfg.get('seed')!r} must be an integer")
     skip = cfg.get("skip_completed", False)
     check(isinstance(skip, bool), f"skip_completed={skip!r} must be true or false")
-    check(isinstance(cfg.get("debug_run", False), bool), f"debug_run={cfg.get('debug_run')!r} must be true or false")
+    for key in ("debug_run", "dry_run"):
+        check(isinstance(cfg.get(key, False), bool), f"{key}={cfg.get(key)!r} must be true or false")
     resume = cfg.get("resume", "auto")
     check_choice("resume", resume, RESUME_MODES)
     budget = Budget.parse(cfg.get("density"))

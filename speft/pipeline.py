@@ -22,6 +22,8 @@ from speft.config import Spec, validate
 from speft.distributed import Dist, DistributedError, ShardCollate, mask_digest
 from speft.loggers.base import RunLogger
 from speft.masks.base import MaskRuntime
+from speft.memory import MemoryEstimate
+from speft.memory import estimate as estimate_memory
 from speft.methods.base import PrepareContext, Prepared, count
 from speft.models.loading import (
     build_meta_model,
@@ -54,6 +56,7 @@ class Plan:
     config: dict  # the resolved config, as results.json records it
     previous: dict | None = None
     resume: dict | None = None  # the latest checkpoint's record and content (``state``) to continue from
+    memory: MemoryEstimate | None = None  # the peak per process, estimated on the meta model
 
 
 def check_combination(spec: Spec, task) -> None:
@@ -87,12 +90,19 @@ def check_world(spec: Spec, world: int) -> None:
                           f"{', '.join(map(str, ok))} (with trainer.grad_accum_steps to keep the global batch)")
 
 
-def plan_budget(spec: Spec, task) -> tuple[dict[str, tuple[int, int]], int | None]:
+def plan_budget(spec: Spec, task) -> tuple[dict[str, tuple[int, int]], int | None, MemoryEstimate]:
     """Target shapes and the exact number of trainable entries ``density`` gives the method (None for full and
-    head_only), from the model's structure alone (a meta-device copy); LoRA's rank is set from it."""
+    head_only), from the model's structure alone (a meta-device copy); LoRA's rank is set from it; and the
+    run's peak memory per process, estimated from the same copy."""
     meta = build_meta_model(spec.model, task.head, task.num_labels, spec.paths.resolve("cache_dir"))
     shapes = target_shapes(find_targets(meta, spec.model.family, spec.method.targets, spec.method.target_regex))
-    return shapes, registry.get("method", spec.method.name).obj.plan_budget(spec.method, spec.budget, shapes)
+    k = registry.get("method", spec.method.name).obj.plan_budget(spec.method, spec.budget, shapes)
+    head = sum(p.numel() for p in head_parameters(meta, spec.model.family).values()) \
+        if task.new_head and spec.method.train_head else 0
+    memory = estimate_memory(meta, spec, shapes, k, device=device_for(spec.trainer.device).type,
+                             world_size=distributed.world_size_from_env(), causal_lm=task.head == "causal_lm",
+                             head_params=head)
+    return shapes, k, memory
 
 
 def preflight(cfg: DictConfig, run_dir: Path) -> Plan:
@@ -101,7 +111,7 @@ def preflight(cfg: DictConfig, run_dir: Path) -> Plan:
     spec = validate(cfg)
     task = registry.get("task", spec.task.name).obj(spec.task, spec.paths.resolve("data_dir"))
     check_combination(spec, task)
-    shapes, k = plan_budget(spec, task)
+    shapes, k, memory = plan_budget(spec, task)
     config = spec.resolved()
     config["method"].update({key: value for key, value in asdict(spec.method).items()
                              if key in config["method"]})  # what pre-flight derived (LoRA's rank from density)
@@ -110,7 +120,7 @@ def preflight(cfg: DictConfig, run_dir: Path) -> Plan:
                                                                     distributed.world_size_from_env())
     if resume is not None:
         resume["state"] = checkpoint.load(resume["path"])
-    return Plan(spec, task, shapes, k, config, previous, resume)
+    return Plan(spec, task, shapes, k, config, previous, resume, memory)
 
 
 def train_dataloader(rows: list[dict], tcfg, collate, seed: int) -> DataLoader:
@@ -149,6 +159,11 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", sweep_dir: str | 
         if distributed.env_rank() == 0:
             record_refusal(cfg, Path(run_dir), e)
         raise
+    if plan.memory is not None and distributed.env_rank() == 0:
+        for line in plan.memory.lines():
+            log.info(line)
+    if plan.spec.dry_run:  # pre-flight only: nothing loaded, nothing written
+        return RunResult(metrics={}, results={"dry_run": True, "memory_estimate_mb": plan.memory.record()}, model=None)
     dist = distributed.init(device_for(plan.spec.trainer.device))
     try:
         return _run(plan, dist, Path(run_dir), run_name, sweep_dir, t_start)
@@ -175,6 +190,8 @@ def _run(plan: Plan, dist: Dist, run_dir: Path, run_name: str, sweep_dir: str | 
                   processes={"world_size": dist.world, "backend": dist.backend})
     resumed = [*plan.resume.get("resumed_from_steps", []), plan.resume["step"]] if plan.resume else []
     record.update(resumed=len(resumed), resumed_from_steps=resumed)
+    if plan.memory is not None:
+        record.update(memory_estimate_mb=plan.memory.record())
     if plan.resume:
         log.info("resuming from %s (step %d; resume number %d)", plan.resume["path"], plan.resume["step"], len(resumed))
     timings: dict[str, float] = {}

@@ -36,6 +36,7 @@ class PeftAdapter(Method):
     """Shared by LoRA-family methods: wrap the targets with PEFT, then apply the head treatment."""
 
     peft_options: dict = {}
+    uses_peft = True
 
     @staticmethod
     def plan_budget(cfg: LoraMethodConfig, budget: Budget, shapes: dict[str, tuple[int, int]]) -> int:
