@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from speft.models.architectures import ARCHITECTURES
+
 METHODS = ("sparse", "lora", "full", "frozen")
 MASKS = ("random", "grad")
 
@@ -41,8 +43,7 @@ MASKS = ("random", "grad")
 SHAPES = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=128, vocab_size=256, tie_word_embeddings=True),  # for tests
-    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                         intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True),
+    "smollm2-135m": ARCHITECTURES["smollm2_135m"][1],
     "llama-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                      intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True),
     "llama-7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,

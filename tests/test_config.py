@@ -8,7 +8,6 @@ import sys
 import time
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -221,16 +220,13 @@ def test_the_released_llm_recipes():
 
 def test_the_qwen2_7b_math_preset_budget_on_a_meta_model():
     """run_sparse_math.sh: sparse_k=40370176 on Qwen2-7B, which is LoRA r64 on q/k/v/o."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    from speft.models.architectures import meta_causal_lm
     from speft.models.loading import find_targets, target_shapes
 
     spec = validate(compose_cfg("experiment=gsm8k_qwen2_7b"))
     assert spec.model.name_or_path == "Qwen/Qwen2-7B" and spec.method.targets == "attention"
-    config = Qwen2Config(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                         intermediate_size=18944, vocab_size=256)  # Qwen2-7B's shapes (a small vocabulary)
-    with torch.device("meta"):
-        model = Qwen2ForCausalLM(config)
+    model = meta_causal_lm("qwen2_7b", vocab_size=256)  # Qwen2-7B's shapes (a small vocabulary)
     shapes = target_shapes(find_targets(model, spec.model.family, spec.method.targets, None))
     assert len(shapes) == 4 * 28
     assert spec.budget.resolve(shapes) == 40_370_176 == Budget.parse("lora:64").resolve(shapes)

@@ -11,9 +11,9 @@ import sys
 
 import pytest
 import torch
-from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from speft.config import Budget, validate
+from speft.models.architectures import meta_causal_lm
 from speft.models.loading import find_targets, target_shapes
 from speft.pipeline import preflight, run
 from speft.registry import ConfigError
@@ -186,16 +186,12 @@ def test_llm_presets_compose_and_validate(name):
 
 @pytest.mark.parametrize("config, family, targets, density, expected", [
     # the study: LoRA r64 on q/k/v/o of Gemma-2-2B
-    (Gemma2Config(hidden_size=2304, num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
-                  intermediate_size=9216, vocab_size=256), "llama", "attention", "lora:64", 25_559_040),
+    ("gemma2_2b", "llama", "attention", "lora:64", 25_559_040),
     # the PEFT MetaMathQA benchmark: LoRA r32 on q/v of Llama-3.2-3B
-    (LlamaConfig(hidden_size=3072, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8,
-                 intermediate_size=8192, vocab_size=256), "llama", "qv", "lora:32", 9_175_040),
+    ("llama32_3b", "llama", "qv", "lora:32", 9_175_040),
 ])
 def test_preset_budgets_match_the_published_counts(config, family, targets, density, expected):
-    cls = Gemma2ForCausalLM if isinstance(config, Gemma2Config) else LlamaForCausalLM
-    with torch.device("meta"):
-        model = cls(config)
+    model = meta_causal_lm(config, vocab_size=256)  # the published shapes (a small vocabulary)
     shapes = target_shapes(find_targets(model, family, targets, None))
     assert Budget.parse(density).resolve(shapes) == expected
 

