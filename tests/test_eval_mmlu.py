@@ -136,3 +136,25 @@ def test_exemplars_are_the_first_dev_rows_of_the_subject():
     assert [r["question"] for r in shots["virology"]] == ["virology0", "virology1"]
     with pytest.raises(ValueError, match="fewer than num_fewshot"):
         mmlu.evaluate(torch.nn.Linear(1, 1), None, [dict(dev[0], subject="nutrition")], dev, num_fewshot=2)
+
+
+def test_scored_tokens_reach_the_host_once_per_batch(monkeypatch):
+    """Log-probabilities are gathered on the device and copied once per batch (a float() per token
+    would sync a GPU every time)."""
+    from speft.evaluation.generation import evaluating, score_positions
+
+    tok = tiny_tokenizer()
+    model = tiny_llama(len(tok))
+    rows = [[1, 2, 3, 4, 5], [1, 2, 3], [4, 5, 6, 7]]
+    targets = [[(1, 3), (2, 4), (3, 5)], [(0, 2), (1, 3)], [(2, 7)]]
+    with evaluating(model):
+        expected = score_positions(model, rows, targets, pad=0, batch_size=2, device="cpu")
+    floats = []
+    real_float = torch.Tensor.__float__
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda t: floats.append(1) or real_float(t))
+    with evaluating(model):
+        got = score_positions(model, rows, targets, pad=0, batch_size=2, device="cpu")
+    assert not floats and got == expected and [len(g) for g in got] == [3, 2, 1]
+    with evaluating(model):  # each value is the log-softmax at its position, as computed directly
+        logits = model(input_ids=torch.tensor([rows[1]])).logits[0]
+    assert got[1][1] == pytest.approx(float(F.log_softmax(logits[1].float(), -1)[3]), abs=1e-5)

@@ -83,6 +83,25 @@ def test_chunked_reading_gives_the_same_selection(k, monkeypatch):
     assert {n: v.tolist() for n, v in sel.select_global(scores, k).items()} == expected
 
 
+def test_the_radix_select_moves_256_counts_to_the_host_per_pass_not_every_chunk(monkeypatch):
+    """On a GPU every host copy is a sync: the histogram stays on the scores' device until a pass ends
+    (4 passes, whatever the number of chunks), and the NaN check is one transfer for all modules."""
+    import speft.masks.selection as sel
+
+    scores = make_scores(5)
+    monkeypatch.setattr(sel, "CHUNK", 7)  # many chunks per module
+    copies = []
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: copies.append(t.numel()) or real_cpu(t, *a, **k))
+    sel.kth_largest_key(scores, 50)
+    assert copies == [256] * 4
+    lists = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: lists.append(t.numel()) or real_tolist(t))
+    sel._check(scores, 50)
+    assert lists == [len(scores)]
+
+
 def released_local_topk(scores: dict[str, torch.Tensor], per_module: dict[str, int]) -> dict[str, list[int]]:
     """The released code's local rule written out: each module's own torch.topk of its count."""
     return {n: sorted(torch.topk(s.flatten(), per_module[n]).indices.tolist()) for n, s in scores.items()}

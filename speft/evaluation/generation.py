@@ -282,8 +282,11 @@ def score_positions(model: nn.Module, rows: Sequence[Sequence[int]], targets: Se
         column = {p: c for c, p in enumerate(positions)}
         logits = _logits_at(model, ids.to(device), mask.to(device), positions)
         logprobs = F.log_softmax(logits.float(), dim=-1)
-        for r, i in enumerate(idx):
-            out[i] = [float(logprobs[r, column[p], tok]) for p, tok in targets[i]]
+        at = torch.tensor([(r, column[p], tok) for r, i in enumerate(idx) for p, tok in targets[i]],
+                          dtype=torch.long, device=logprobs.device).reshape(-1, 3)
+        picked = logprobs[at[:, 0], at[:, 1], at[:, 2]].tolist()  # one host transfer per batch, not one per token
+        for i in idx:
+            out[i], picked = picked[: len(targets[i])], picked[len(targets[i]):]
     return out
 
 

@@ -38,9 +38,12 @@ def _check(scores: dict[str, torch.Tensor], k: int) -> int:
     total = sum(s.numel() for s in scores.values())
     if not 1 <= k <= total:
         raise ConfigError(f"cannot select {k} entries out of {total}")
-    for name, s in scores.items():
-        if torch.isnan(s).any():
-            raise ValueError(f"salience scores of '{name}' contain NaN")
+    if scores:  # one host transfer for every module's check (a CUDA sync each would stall the device)
+        device = next(iter(scores.values())).device
+        nan = torch.stack([torch.isnan(s).any().to(device) for s in scores.values()]).tolist()
+        bad = [name for name, flag in zip(scores, nan) if flag]
+        if bad:
+            raise ValueError(f"salience scores of '{bad[0]}' contain NaN")
     return total
 
 
@@ -53,8 +56,9 @@ def kth_largest_key(scores: dict[str, torch.Tensor], k: int) -> int:
             for _, keys in _chunks(s):
                 if shift < 24:
                     keys = keys[(keys >> (shift + 8)) == prefix]
-                h = torch.bincount(((keys >> shift) & 0xFF).cpu(), minlength=256)
-                hist = h if hist is None else hist + h
+                h = torch.bincount((keys >> shift) & 0xFF, minlength=256)  # on the scores' device
+                hist = h if hist is None else hist + h.to(hist.device)
+        hist = hist.cpu()  # 256 counts: one host transfer per pass, not one per chunk
         above = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])  # above[d] = count of digits >= d
         digit = int((above >= rank).nonzero().max())
         rank -= int(above[digit + 1]) if digit < 255 else 0
