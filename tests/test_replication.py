@@ -1,5 +1,5 @@
 """The replication's building blocks: a held-out tuning split that never touches the reported split and
-keeps the training subset, the head warm-up switch, and the grid's learning-rate choice."""
+keeps the training subset, the head warm-up switch, the grid's learning-rate choice and its separation screen."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from speft.registry import ConfigError
 from speft.tasks.base import DataError
 
 from .conftest import ROOT, compose_cfg
+
+DATA = ROOT.parent / "shared" / "data"
 
 
 def task(*overrides: str):
@@ -96,3 +98,25 @@ def test_the_learning_rate_grid_extends_past_an_end_and_chooses_the_best(tmp_pat
     fake_result(grid, "glue/sst2", other, 4e-5, 0.95)
     fake_result(grid, "glue/sst2", other, 8e-6, 0.97)
     assert grid.tune_lrs("glue/sst2", other) == ([8e-6, 4e-5, 2e-4, 1e-3, 5e-3], 8e-6)  # two extensions: stop
+
+
+def test_a_task_that_does_not_separate_at_tuning_runs_no_later_stage(tmp_path, monkeypatch):
+    """The screen: every method at its chosen rate; the best held-out score against the held-out majority class
+    (the tables' rule: 5 points). SST-2's majority class is computed from the real data."""
+    g = grid_module()
+    monkeypatch.setattr(sys, "path", [str(ROOT / "experiments" / "replication"), *sys.path])
+    grid = g.Grid(tmp_path, ["glue/sst2"], [1], str(DATA), ["glue/sst2"], "glue/sst2")
+    monkeypatch.setattr(grid, "table_a", ["sparse-grad", "lora", "head_only"])
+    assert grid.kept(["glue/sst2"], "a") == [] and grid.screen() == {}  # still tuning: waits
+    scores = {"sparse-grad": (0.50, 0.58, 0.52), "lora": (0.55, 0.57, 0.56)}  # best 58.0: under majority + 5
+    for key, values in scores.items():
+        for lr, v in zip((2e-4, 1e-3, 5e-3), values):
+            fake_result(grid, "glue/sst2", key, lr, v)
+    screen = grid.screen()["glue/sst2"]
+    assert screen["best_key"] == "sparse-grad" and screen["best"] == 58.0
+    assert screen["majority"] == pytest.approx(54.6, abs=0.01)  # the 500 held-out SST-2 examples' majority class
+    assert not screen["separates"] and grid.kept(["glue/sst2"], "a") == []
+    assert json.loads((tmp_path / "screen.json").read_text())["glue/sst2"] == screen
+    (tmp_path / "screen.json").write_text(json.dumps({"glue/sst2": {**screen, "best": 60.0, "separates": True}}))
+    grid.lr = grid.chosen_lr()
+    assert {r.folder.parts[-2] for r in grid.a()} == {"sparse-grad", "lora", "head_only"}  # one seed each

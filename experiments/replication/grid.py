@@ -12,6 +12,9 @@ Stages, in the order they run:
 * ``tune``: every method's learning rate, from a small grid (×5 apart, extended by ×5 steps while the
   best value is at an end), on 500 examples held out of the training data (``task.heldout_examples``;
   never the reported dev set), seed ``TUNE_SEED``; the chosen values are written to ``<OUT>/lr.json``.
+* screen (after a task's tuning, ``<OUT>/screen.json``): the best held-out score of the methods at their chosen
+  rates against the held-out majority class; a task not 5 points above it (a correlation: not 10) "does not
+  separate" and runs none of the stages below (the tables' rule, applied before spending their compute).
 * ``a``: Table A, every metric (static, global) and the baselines at the tuned learning rates, every seed.
 * ``warmup``: the protocol switch ``trainer.head_warmup_steps=20`` (salience scored through a trained
   head) for ``grad``, ``magnitude``, ``random`` and LoRA.
@@ -98,6 +101,7 @@ class Grid:
     def __init__(self, out: Path, tasks: list[str], seeds: list[int], data: str | None,
                  tasks_b: list[str], density_task: str) -> None:
         self.out, self.tasks, self.seeds, self.tasks_b, self.density_task = out, tasks, seeds, tasks_b, density_task
+        self.data = data
         self.common = [f"paths.data_dir={data}"] if data else []
         self.table_a = [f"sparse-{m}" for m in METRICS] + list(BASELINES)
 
@@ -152,6 +156,37 @@ class Grid:
         path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
         return table
 
+    def screen(self) -> dict[str, dict]:
+        """After a task's tuning: its best held-out main metric over the methods at their chosen rates against the
+        held-out majority class, and whether it separates (the tables' rule, applied early); ``screen.json``."""
+        from tables import majority_scores, separates
+
+        path = self.out / "screen.json"
+        done = json.loads(path.read_text()) if path.exists() else {}
+        for task in self.tasks:
+            chosen = {key: self.tune_lrs(task, key)[1] for key in self.table_a if key != "head_only"}
+            if task in done or any(lr is None for lr in chosen.values()):
+                continue  # screened already, or still tuning
+            scores = {key: 100 * self.tune_scores(task, key, [lr])[lr] for key, lr in chosen.items()}
+            best = max(scores, key=scores.get)
+            majority = majority_scores([task], self.data, (f"task.heldout_examples={HELDOUT}",))[task]
+            done[task] = {"best_key": best, "best": round(scores[best], 2),
+                          "majority": None if math.isnan(majority) else round(majority, 2),
+                          "separates": separates(scores[best], majority)}
+        path.write_text(json.dumps(done, indent=1, sort_keys=True) + "\n")
+        return done
+
+    def kept(self, tasks: list[str], stage: str) -> list[str]:
+        """The tasks the screen lets into a later stage (a task still tuning waits)."""
+        screened = self.screen()
+        for task in tasks:
+            if task not in screened:
+                print(f"[grid] {stage}/{task}: tuning not complete; skipped", flush=True)
+            elif not screened[task]["separates"]:
+                print(f"[grid] {stage}/{task}: does not separate at the tuning stage (screen.json); skipped",
+                      flush=True)
+        return [t for t in tasks if screened.get(t, {}).get("separates")]
+
     def lr_overrides(self, task: str, key: str) -> list[str] | None:
         if key == "head_only":
             return []
@@ -168,18 +203,19 @@ class Grid:
                 for s in self.seeds]
 
     def a(self) -> list[Run]:  # seed-major: a partial grid holds whole seeds
-        runs = [r for task in self.tasks for key in self.table_a for r in self.cells("a", task, key, key, [])]
+        runs = [r for task in self.kept(self.tasks, "a") for key in self.table_a
+                for r in self.cells("a", task, key, key, [])]
         return sorted(runs, key=lambda r: r.folder.name)
 
     def warmup(self) -> list[Run]:
         keys = ("sparse-grad", "sparse-magnitude", "sparse-random", "lora")
-        runs = [r for task in self.tasks for key in keys
+        runs = [r for task in self.kept(self.tasks, "warmup") for key in keys
                 for r in self.cells("warmup", task, key, key, ["trainer.head_warmup_steps=20"])]
         return sorted(runs, key=lambda r: r.folder.name)
 
     def b(self) -> list[Run]:
         runs = []
-        for task in self.tasks_b:
+        for task in self.kept(self.tasks_b, "b"):
             for metric in ("grad", "fisher"):
                 for schedule, extra in SCHEDULES.items():
                     for selection in ("global", "local"):
@@ -191,10 +227,11 @@ class Grid:
 
     def density(self) -> list[Run]:
         runs = []
-        for key in ("sparse-grad", "sparse-random", "lora"):
-            for r in (1, 4, 32):  # lora:8 is Table A's
-                rank = [f"method.rank={r}"] if key == "lora" else []
-                runs += self.cells("density", self.density_task, key, f"{key}-lora{r}", [f"density=lora:{r}", *rank])
+        for task in self.kept([self.density_task], "density"):
+            for key in ("sparse-grad", "sparse-random", "lora"):
+                for r in (1, 4, 32):  # lora:8 is Table A's
+                    rank = [f"method.rank={r}"] if key == "lora" else []
+                    runs += self.cells("density", task, key, f"{key}-lora{r}", [f"density=lora:{r}", *rank])
         return sorted(runs, key=lambda r: r.folder.name)
 
     def lm(self) -> list[Run]:

@@ -54,9 +54,10 @@ def stage(df: pd.DataFrame, name: str) -> pd.DataFrame:
     return df[df["run"].map(lambda r: Path(r).parts[-4] == name if len(Path(r).parts) >= 4 else False)]
 
 
-def majority_scores(tasks: list[str], data_dir: str | None) -> dict[str, float]:
-    """Each task's main metric (×100) on its reported split when every prediction is the training set's most
-    frequent label; NaN for regression (a constant has no correlation)."""
+def majority_scores(tasks: list[str], data_dir: str | None, extra: tuple[str, ...] = ()) -> dict[str, float]:
+    """Each task's main metric (×100) on its reported split (with ``extra`` overrides, e.g. the tuning's
+    held-out split) when every prediction is the training set's most frequent label; NaN for regression (a
+    constant has no correlation)."""
     import numpy as np
     import torch
     from hydra import compose, initialize_config_dir
@@ -65,10 +66,12 @@ def majority_scores(tasks: list[str], data_dir: str | None) -> dict[str, float]:
     from speft import registry
     from speft.config import PROJECT_ROOT, validate
 
+    if str(PROJECT_ROOT) not in sys.path:  # hydra_plugins/ (the config's sweeper) lives at the project root
+        sys.path.insert(0, str(PROJECT_ROOT))
     out = {}
     for task in tasks:
         with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=["experiment=replication", f"task={task}",
+            cfg = compose(config_name="config", overrides=["experiment=replication", f"task={task}", *extra,
                                                            *([f"paths.data_dir={data_dir}"] if data_dir else [])])
         spec = validate(cfg)
         t = registry.get("task", task).obj(spec.task, spec.paths.resolve("data_dir"))
@@ -86,25 +89,40 @@ def majority_scores(tasks: list[str], data_dir: str | None) -> dict[str, float]:
     return out
 
 
-def separation(table_a, majority: dict[str, float]) -> tuple[list[str], str]:
-    """The tasks that separate, and the Markdown table saying why."""
+def separates(best: float, majority: float) -> bool:
+    """The issue's rule: the best method at least MARGIN points above the majority class (×100); a correlation
+    (no majority class) at least CORRELATION_FLOOR."""
+    return best >= CORRELATION_FLOOR if math.isnan(majority) else best >= majority + MARGIN
+
+
+def separation(table_a, majority: dict[str, float], screened: dict | None = None) -> tuple[list[str], str]:
+    """The tasks that separate in Table A (``table_a`` None: none run yet), and the Markdown table saying why,
+    with the tasks the tuning-stage screen (``screened``: ``runs/screen.json``) already left out."""
     lines = ["| task | majority class | best method (mean) | margin | separates |", "|---|---:|---:|---:|---|"]
     keep = []
-    for col in table_a.cols:
+    for col in table_a.cols if table_a is not None else []:
         means = {r: table_a.cell(r, col).mean for r in table_a.rows}
         means = {r: m for r, m in means.items() if not math.isnan(m)}
         if not means:
             continue
         best = max(means, key=means.get)
         base = majority.get(col, math.nan)
-        ok = means[best] >= CORRELATION_FLOOR if math.isnan(base) else means[best] >= base + MARGIN
+        ok = separates(means[best], base)
         keep += [col] if ok else []
         margin = "—" if math.isnan(base) else f"{means[best] - base:+.2f}"
         lines.append(f"| {col} | {'— (regression)' if math.isnan(base) else f'{base:.2f}'} | {best}: "
                      f"{means[best]:.2f} | {margin} | {'yes' if ok else 'does not separate'} |")
+    for task, s in sorted((screened or {}).items()):
+        if not s["separates"]:
+            base = "— (regression)" if s["majority"] is None else f"{s['majority']:.2f} (held-out)"
+            margin = "—" if s["majority"] is None else f"{s['best'] - s['majority']:+.2f}"
+            lines.append(f"| {task} | {base} | {s['best_key']}: {s['best']:.2f} (tuning, held-out) | {margin} | "
+                         f"does not separate (tuning stage) |")
     rule = (f"\nA task separates when its best Table A mean is at least {MARGIN:g} points above the majority class "
             f"of its reported split (a correlation: at least {CORRELATION_FLOOR:g}); only those enter averages and "
-            f"paired tests.\n")
+            f"paired tests. The same rule screens every task after the tuning stage, on the held-out split with each "
+            f"method at its chosen learning rate (`runs/screen.json`): a task that fails it there runs no later stage."
+            f"\n")
     return keep, "\n".join(lines) + "\n" + rule
 
 
@@ -122,15 +140,18 @@ def main(argv: list[str]) -> None:
         parts["tuning"] = pivot(tune, rows=["method.name", "metric.name", "trainer.lr"], interval="ci95")
     a = stage(df, "a")
     keep: list[str] = []
+    screened = json.loads((runs / "screen.json").read_text()) if (runs / "screen.json").exists() else {}
     if len(a):
         full = pivot(a, interval="ci95")
         tasks = sorted(a["task.name"].dropna().unique())
         keep, text = separation(full, majority_scores(tasks, a["paths.data_dir"].dropna().iloc[0]
-                                                      if "paths.data_dir" in a else None))
+                                                      if "paths.data_dir" in a else None), screened)
         (out / "separation.md").write_text(text)
         write(out, "table_a_all_tasks", full)
         if keep:
             parts["table_a"] = (pivot(a, interval="ci95", filters=[f"task.name={','.join(keep)}"]), "sparse/grad")
+    elif screened:  # no Table A yet: what the tuning-stage screen decided
+        (out / "separation.md").write_text(separation(None, {}, screened)[1])
     b = stage(df, "b")
     if len(b):
         grad_fisher = a[(a["method.name"] == "sparse") & a["metric.name"].isin(["grad", "fisher"])]
@@ -159,7 +180,8 @@ def main(argv: list[str]) -> None:
         write(out, name, table, reference)
     summary = {"runs": int(len(df)), "completed": int((df["status"] == "completed").sum()),
                "by_stage": {s: int(len(stage(df, s))) for s in ("tune", "a", "warmup", "b", "density", "lm")},
-               "separating_tasks": keep}
+               "separating_tasks": keep,
+               "screened_out": sorted(t for t, s in screened.items() if not s["separates"])}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary), file=sys.stderr)
 
