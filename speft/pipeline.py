@@ -34,12 +34,13 @@ from speft.models.loading import (
     target_shapes,
 )
 from speft.registry import ConfigError
-from speft.results import RunRecord, completed_result, higher_is_better, read_result, timed, write_json_atomic
+from speft.results import RunRecord, completed_result, higher_is_better, read_result, write_json_atomic
 from speft.salience.scorer import Scorer
 from speft.sparse.layer import sparse_layers
 from speft.train import checkpoint
 from speft.train.checkpoint import Interrupted, StopRequest
 from speft.train.loop import Checkpointing, predict, set_tf32, train
+from speft.utils import timed
 
 log = logging.getLogger(__name__)
 

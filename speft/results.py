@@ -14,21 +14,17 @@ resumes), ``interrupted`` (signal, step, checkpoint).
 from __future__ import annotations
 
 import json
-import os
 import platform
 import resource
 import subprocess
 import sys
-import tempfile
-import time
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
 from speft.config import PROJECT_ROOT
+from speft.utils import atomic_write
 
 RESULTS_FILE = "results.json"
 LOWER_IS_BETTER = frozenset({"nll"})  # metric names (the part after the split) where smaller is better
@@ -37,31 +33,6 @@ LOWER_IS_BETTER = frozenset({"nll"})  # metric names (the part after the split) 
 def higher_is_better(key: str) -> bool:
     """Whether a larger value of metric ``key`` (``test/nll`` or ``nll``) is better."""
     return key.split("/")[-1] not in LOWER_IS_BETTER
-
-
-@contextmanager
-def timed(timings: dict[str, float], key: str) -> Iterator[None]:
-    """Add the block's wall-clock seconds to ``timings[key]``."""
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` fills a temporary file in the same folder, which is then renamed to ``path``:
-    readers never see half a file (results.json, score-cache files)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

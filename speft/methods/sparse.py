@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from speft.config import check, check_positive
 from speft.methods.base import Method, MethodConfig, PrepareContext, Prepared, freeze_all
 from speft.registry import register
-from speft.results import timed
 from speft.sparse.io import save_adapter
 from speft.sparse.layer import inject
+from speft.utils import timed
 
 log = logging.getLogger(__name__)
 

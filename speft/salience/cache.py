@@ -33,9 +33,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from speft.distributed import SINGLE, Dist
-from speft.results import atomic_write
 from speft.salience.base import SalienceMetric, ScoreContext
 from speft.salience.memory import PeakMemory
+from speft.utils import atomic_write
 
 log = logging.getLogger(__name__)
 

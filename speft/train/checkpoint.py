@@ -31,7 +31,7 @@ import torch
 
 from speft.config import ADDED_KEYS, NON_COMPUTING_KEYS
 from speft.registry import ConfigError
-from speft.results import atomic_write
+from speft.utils import atomic_write
 
 log = logging.getLogger(__name__)
 
