@@ -291,3 +291,20 @@ def test_gradient_checkpointing_and_bf16_train_the_same_sparse_delta(tiny_lm, tm
     torch.testing.assert_close(values("ckpt", "trainer.gradient_checkpointing=true"), plain, rtol=1e-4, atol=1e-6)
     bf16 = values("bf16", "model.dtype=bfloat16")
     assert torch.nn.functional.cosine_similarity(bf16, plain, dim=0) > 0.8
+
+
+def test_hub_revision_pins_the_training_dataset_only(monkeypatch):
+    """task.hub_revision is the training data's commit: MMLU's questions, GSM8K's test split under MetaMathQA
+    training and MBPP load at their own latest revision."""
+    import datasets
+
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None, split=None, revision=None, **kw:
+                        calls.append((name, split, revision)) or [])
+    gsm = Gsm8k(Gsm8kConfig(source="hub", hub_revision="abc", train_data="metamathqa"), None)
+    gsm.hub("openai/gsm8k", "main", "test", training=False)
+    gsm.hub("meta-math/MetaMathQA", None, "train")
+    assert calls == [("openai/gsm8k", "test", None), ("meta-math/MetaMathQA", "train", "abc")]
+    calls.clear()
+    mmlu = Mmlu(MmluConfig(source="hub", hub_revision="abc"), None)
+    assert mmlu.mmlu_split("test") == [] and calls == [("cais/mmlu", "test", None)]

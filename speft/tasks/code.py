@@ -118,7 +118,7 @@ class Code(CausalLMTask):
             rows = [mbpp_row(r, f"{path}: task {r.get('task_id')}") for r in read_jsonl_objects(path)]
             split = {name: [r for r in rows if r["task_id"] in ids] for name, ids in MBPP_SPLITS.items()}
         else:
-            split = {name: [mbpp_row(r, f"{HUB_MBPP} {name}") for r in self.hub(HUB_MBPP, "full", name)]
+            split = {name: [mbpp_row(r, f"{HUB_MBPP} {name}") for r in self.hub(HUB_MBPP, "full", name, training=False)]
                      for name in ("prompt", "test")}
         by_id = {r["task_id"]: r for r in split["prompt"]}
         missing = [i for i in code.MBPP_FEWSHOT_TASK_IDS if i not in by_id]

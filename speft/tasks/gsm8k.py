@@ -69,7 +69,8 @@ class Gsm8k(CausalLMTask):
 
     def gsm8k_split(self, split: str) -> list[dict]:
         path = self.local("gsm8k", f"{split}.jsonl")
-        rows = read_jsonl(path, ("question", "answer")) if path else self.hub(HUB_GSM8K, "main", split)
+        pinned = split == "train" and self.cfg.train_data == "gsm8k"  # hub_revision pins the training data only
+        rows = read_jsonl(path, ("question", "answer")) if path else self.hub(HUB_GSM8K, "main", split, training=pinned)
         return [{"question": r["question"], "answer": r["answer"]} for r in rows]
 
     def load_splits(self) -> dict[str, list[dict]]:

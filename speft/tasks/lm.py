@@ -109,14 +109,16 @@ class CausalLMTask(ClassificationTask):
             return path
         return self.local(*default)
 
-    def hub(self, dataset: str, config: str | None, split: str) -> list[dict]:
+    def hub(self, dataset: str, config: str | None, split: str, training: bool = True) -> list[dict]:
+        """Rows of a Hub dataset; ``task.hub_revision`` pins the training dataset only (``training``)."""
         if self.cfg.source == "local":
             raise DataError(f"no local copy of {dataset} and task.source=local")
         from datasets import load_dataset
 
         log.info("loading %s (%s, %s) from the Hugging Face Hub", dataset, config, split)
         try:
-            return list(load_dataset(dataset, config, split=split, revision=getattr(self.cfg, "hub_revision", None)))
+            revision = getattr(self.cfg, "hub_revision", None) if training else None
+            return list(load_dataset(dataset, config, split=split, revision=revision))
         except Exception as e:  # noqa: BLE001 - offline machines: name what to do instead
             raise DataError(f"could not load {dataset} from the Hub ({type(e).__name__}: {e}); offline, put the "
                             f"files under paths.data_dir (see ../shared/data/README.md) or set "

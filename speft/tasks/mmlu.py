@@ -74,7 +74,7 @@ class Mmlu(CausalLMTask):
                 raise DataError(f"{folder}: no *_{split}.csv files (MMLU layout data/{split}/<subject>_{split}.csv)")
         else:
             rows = [{"subject": r["subject"], "question": r["question"], "choices": list(r["choices"]),
-                     "answer": int(r["answer"])} for r in self.hub(HUB_MMLU, "all", split)]
+                     "answer": int(r["answer"])} for r in self.hub(HUB_MMLU, "all", split, training=False)]
         if self.cfg.subjects:
             known = sorted({r["subject"] for r in rows})
             unknown = sorted(set(self.cfg.subjects) - set(known))
