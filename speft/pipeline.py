@@ -67,7 +67,7 @@ def check_combination(spec: Spec, task) -> None:
     if mask_cls.dynamic and not method_cls.uses_salience:
         raise ConfigError(f"mask={spec.mask.name} changes a sparse mask during training; method="
                           f"{spec.method.name} has none. Use mask=static or method=sparse")
-    if not task.new_head and getattr(method_cls, "head_only", False):
+    if not task.new_head and method_cls.head_only:
         raise ConfigError(f"method={spec.method.name} trains only a new task head; task={spec.task.name} keeps "
                           f"its pretrained LM head, so nothing would train. Use another method")
     training = spec.trainer.max_steps != 0
@@ -137,7 +137,7 @@ def train_dataloader(rows: list[dict], tcfg, collate, seed: int) -> DataLoader:
 
 def best_evaluation(history: list[dict], task) -> dict:
     """The periodic evaluation with the best main validation metric (its step and epoch included)."""
-    key = f"{getattr(task, 'validation_split', 'validation')}/{task.main_metric}"
+    key = f"{task.validation_split}/{task.main_metric}"
     scored = [h for h in history if key in h and not math.isnan(h[key])]  # NaN: e.g. constant predictions
     sign = 1 if higher_is_better(key) else -1
     return dict(max(scored, key=lambda h: sign * h[key])) if scored else {}
@@ -520,7 +520,7 @@ def train_and_validate(state: RunState, prepared: Prepared, mask, scorer: Scorer
     spec, model = state.spec, state.model
     periodic = [s for s in eval_names(state) if s != "test"]
     validate_fn = (lambda step: {k: v for s in periodic for k, v in evaluate(s).items()}) if periodic else None
-    dynamic = getattr(mask, "dynamic", False)
+    dynamic = mask.dynamic
 
     def on_step(step: int) -> dict | None:
         record = mask.on_step_end(step)

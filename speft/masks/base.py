@@ -17,6 +17,7 @@ from torch import nn
 
 from speft.config import check_choice
 from speft.masks.selection import SELECTIONS, select
+from speft.sparse.layer import VALUES_GROUP
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class MaskRuntime:
         return self.scorer.rescore(self.model, self.layers, n)
 
     def values_group(self) -> dict:
-        return next(g for g in self.optimizer.param_groups if g.get("name") == "sparse")
+        return next(g for g in self.optimizer.param_groups if g.get("name") == VALUES_GROUP)
 
 
 class MaskSchedule:

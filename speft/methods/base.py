@@ -54,6 +54,7 @@ class Prepared:
 class Method:
     uses_salience = False  # True: the method scores, selects and uses the mask schedule
     uses_peft = False  # True: the method is built on Hugging Face PEFT (the memory estimate counts its import)
+    head_only = False  # True: trains nothing but a new task head (refused for a pretrained LM head)
 
     def __init__(self, cfg: MethodConfig) -> None:
         self.cfg = cfg

@@ -9,7 +9,7 @@ from speft.config import check, check_positive
 from speft.methods.base import Method, MethodConfig, PrepareContext, Prepared, freeze_all
 from speft.registry import register
 from speft.sparse.io import save_adapter
-from speft.sparse.layer import inject
+from speft.sparse.layer import VALUES_GROUP, inject
 from speft.utils import timed
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class Sparse(Method):
         n_sparse = sum(v.numel() for v in values)
         log.info("sparse: %d entries in %d modules, head %d", n_sparse, len(layers), n_head)
         return Prepared(
-            param_groups=[{"params": values, "lr": lr, "name": "sparse"}, *head_groups],
+            param_groups=[{"params": values, "lr": lr, "name": VALUES_GROUP}, *head_groups],
             trainable={"sparse": n_sparse, "head": n_head},
             target_trainable=n_sparse,
             mask=mask,

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+VALUES_GROUP = "sparse"  # the optimizer parameter group holding every layer's values (masks find it by this name)
 BAND = 64  # rows (or columns) per band of the banded structures; measured on SmolLM2-135M gradient masks
 GATHER_COST = 16  # one gathered row/column of G or X costs about this many block entries (memory-bound copy)
 BLOCK_COST = 512  # fixed cost of one block product (call overhead, ~10 µs), in block entries
