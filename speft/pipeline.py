@@ -91,7 +91,7 @@ def check_world(spec: Spec, world: int) -> None:
                           f"{', '.join(map(str, ok))} (with trainer.grad_accum_steps to keep the global batch)")
 
 
-def plan_budget(spec: Spec, task) -> tuple[dict[str, tuple[int, int]], int | None, MemoryEstimate]:
+def plan_budget(spec: Spec, task) -> tuple[dict[str, tuple[int, int]], int | None, MemoryEstimate | None]:
     """Target shapes and the exact number of trainable entries ``density`` gives the method (None for full and
     head_only), from the model's structure alone (a meta-device copy); LoRA's rank is set from it; and the
     run's peak memory per process, estimated from the same copy."""
@@ -100,9 +100,13 @@ def plan_budget(spec: Spec, task) -> tuple[dict[str, tuple[int, int]], int | Non
     k = registry.get("method", spec.method.name).obj.plan_budget(spec.method, spec.budget, shapes)
     head = sum(p.numel() for p in head_parameters(meta, spec.model.family).values()) \
         if task.new_head and spec.method.train_head else 0
-    memory = estimate_memory(meta, spec, shapes, k, device=device_for(spec.trainer.device).type,
-                             world_size=distributed.world_size_from_env(), causal_lm=task.head == "causal_lm",
-                             head_params=head)
+    try:
+        memory = estimate_memory(meta, spec, shapes, k, device=device_for(spec.trainer.device).type,
+                                 world_size=distributed.world_size_from_env(), causal_lm=task.head == "causal_lm",
+                                 head_params=head)
+    except ValueError as e:  # a config without the fields the estimate reads: the run goes on without one
+        log.warning("no memory estimate for model=%s: %s", spec.model.name, e)
+        memory = None
     return shapes, k, memory
 
 
@@ -164,7 +168,8 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", sweep_dir: str | 
         for line in plan.memory.lines():
             log.info(line)
     if plan.spec.dry_run:  # pre-flight only: nothing loaded, nothing written
-        return RunResult(metrics={}, results={"dry_run": True, "memory_estimate_mb": plan.memory.record()}, model=None)
+        estimate = plan.memory.record() if plan.memory is not None else None
+        return RunResult(metrics={}, results={"dry_run": True, "memory_estimate_mb": estimate}, model=None)
     dist = distributed.init(device_for(plan.spec.trainer.device))
     try:
         return _run(plan, dist, Path(run_dir), run_name, sweep_dir, t_start)

@@ -102,3 +102,16 @@ def test_results_record_the_estimate(tmp_path):
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["status"] == "completed" and data["memory_estimate_mb"]["peak"] > 0
     assert torch.isfinite(torch.tensor(data["memory_estimate_mb"]["activations"]))
+
+
+def test_a_config_the_estimate_cannot_read_leaves_the_run_without_one(monkeypatch, tmp_path, caplog):
+    import speft.pipeline as pipeline
+
+    def unreadable(*args, **kwargs):
+        raise ValueError("the model config has none of num_hidden_layers")
+
+    monkeypatch.setattr(pipeline, "estimate_memory", unreadable)
+    plan = preflight(compose_cfg("logger=none", f"paths.cache_dir={tmp_path}"), tmp_path / "run")
+    assert plan.memory is None and "no memory estimate" in caplog.text
+    result = pipeline.run(compose_cfg("logger=none", "dry_run=true"), run_dir=tmp_path / "run")
+    assert result.results == {"dry_run": True, "memory_estimate_mb": None} and not (tmp_path / "run").exists()
