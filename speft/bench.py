@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from pathlib import Path
 import torch
 
 from speft.models.architectures import ARCHITECTURES
+from speft.utils import peak_rss_mb
 
 METHODS = ("sparse", "lora", "full", "frozen")
 MASKS = ("random", "grad")
@@ -290,19 +290,6 @@ def structure(model) -> dict:
         kinds[p.kind] = kinds.get(p.kind, 0) + 1
     return {"structured_fraction": round(sum(p.computed for p in plans) / sum(p.dense for p in plans), 4),
             "plans": dict(sorted(kinds.items()))}
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory in MB: VmHWM of its own address space on Linux. (ru_maxrss
-    carries over the parent's memory across fork and exec: after the parent scored grad masks, every
-    worker would report at least the parent's size.)"""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class ValuesGradTimer:

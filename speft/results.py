@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import json
 import platform
-import resource
 import subprocess
-import sys
 import traceback
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
 from speft.config import PROJECT_ROOT
-from speft.utils import atomic_write
+from speft.utils import atomic_write, peak_rss_mb
 
 RESULTS_FILE = "results.json"
 LOWER_IS_BETTER = frozenset({"nll"})  # metric names (the part after the split) where smaller is better
@@ -95,8 +93,7 @@ def peak_memory_mb() -> dict[str, float]:
     """Peak resident memory of this process, and peak CUDA memory allocated when on a GPU."""
     import torch
 
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = {"rss": round(rss_kb / 1024 if sys.platform != "darwin" else rss_kb / 2**20, 1)}
+    out = {"rss": peak_rss_mb()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["cuda_allocated"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out

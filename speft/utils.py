@@ -1,9 +1,11 @@
 """Small helpers the library's layers share without reaching up to the run's record (``speft.results``):
-timing a block, and writing a file atomically."""
+timing a block, writing a file atomically, and the one peak-memory probe."""
 
 from __future__ import annotations
 
 import os
+import resource
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -34,3 +36,17 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB: Linux's ``VmHWM`` (the high-water mark of this program's
+    own memory), not ``ru_maxrss``, which keeps the peak of the process that forked it across ``exec`` (a run
+    launched from a 2 GB test process would report 2 GB)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
+    return round(rss / 1024 if sys.platform != "darwin" else rss / 2**20, 1)

@@ -115,3 +115,15 @@ def test_a_config_the_estimate_cannot_read_leaves_the_run_without_one(monkeypatc
     assert plan.memory is None and "no memory estimate" in caplog.text
     result = pipeline.run(compose_cfg("logger=none", "dry_run=true"), run_dir=tmp_path / "run")
     assert result.results == {"dry_run": True, "memory_estimate_mb": None} and not (tmp_path / "run").exists()
+
+
+def test_a_run_launched_from_a_large_process_records_its_own_peak():
+    """ru_maxrss keeps the forking parent's peak across exec; results.json's peak must be the run's own."""
+    big = bytearray(400 * 2**20)
+    big[:: 4096] = b"\x01" * len(big[:: 4096])  # touch every page: the parent's RSS is now > 400 MB
+    probe = "import resource; from speft.results import peak_memory_mb; " \
+            "print(peak_memory_mb()['rss'], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    own, inherited = map(float, out.stdout.split())
+    assert inherited > 400 and own < 300, (own, inherited)
+    del big
