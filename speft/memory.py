@@ -33,7 +33,7 @@ MB = 2**20
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 TOLERANCE = 0.3  # measured peaks lie within ±30 % of the estimate (tests/test_memory.py)
 # Resident before the model: the interpreter, torch, transformers and speft, the tokenizer and the data (measured
-# here: a run's peak minus its estimated allocations, MiniLM and SMolLM2); on a GPU, the CUDA context.
+# here: a run's peak minus its estimated allocations, MiniLM and SmolLM2); on a GPU, the CUDA context.
 RUNTIME_MB = {"cpu": 740, "cuda": 500}
 PEFT_IMPORT_MB = 170  # the LoRA family imports peft (and accelerate): host memory, measured here
 ADAM_STATES = 2  # exp_avg, exp_avg_sq (fp32)
@@ -149,7 +149,7 @@ def estimate(model: nn.Module, spec, targets: dict[str, tuple[int, int]], budget
     method = registry.get("method", spec.method.name).obj
     if method.uses_salience:
         metric = registry.get("metric", spec.metric.name).obj
-        factor = getattr(metric, "sample_factor", 1)
+        factor = metric.sample_factor  # GraSP keeps two halves
         target_entries = sum(o * i for o, i in targets.values())
         scores = 0 if spec.metric.offload and device != "cpu" else 4 * target_entries * factor
         sbatch = per_process(spec.metric.batch_size or tcfg.batch_size)
