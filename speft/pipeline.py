@@ -91,23 +91,24 @@ def check_world(spec: Spec, world: int) -> None:
                           f"{', '.join(map(str, ok))} (with trainer.grad_accum_steps to keep the global batch)")
 
 
-def plan_budget(spec: Spec, task) -> tuple[dict[str, tuple[int, int]], int | None, MemoryEstimate | None]:
+def plan_budget(spec: Spec, meta) -> tuple[dict[str, tuple[int, int]], int | None]:
     """Target shapes and the exact number of trainable entries ``density`` gives the method (None for full and
-    head_only), from the model's structure alone (a meta-device copy); LoRA's rank is set from it; and the
-    run's peak memory per process, estimated from the same copy."""
-    meta = build_meta_model(spec.model, task.head, task.num_labels, spec.paths.resolve("cache_dir"))
+    head_only), from the model's structure alone (a meta-device copy); LoRA's rank is set from it."""
     shapes = target_shapes(find_targets(meta, spec.model.family, spec.method.targets, spec.method.target_regex))
-    k = registry.get("method", spec.method.name).obj.plan_budget(spec.method, spec.budget, shapes)
-    head = sum(p.numel() for p in head_parameters(meta, spec.model.family).values()) \
-        if task.new_head and spec.method.train_head else 0
+    return shapes, registry.get("method", spec.method.name).obj.plan_budget(spec.method, spec.budget, shapes)
+
+
+def plan_memory(spec: Spec, task, meta, shapes: dict[str, tuple[int, int]], k: int | None) -> MemoryEstimate | None:
+    """The run's peak memory per process, estimated from the same meta-device copy (None, with a warning, for a
+    model config the estimate cannot read: the run goes on without one)."""
+    head = head_parameters(meta, spec.model.family) if task.new_head and spec.method.train_head else {}
     try:
-        memory = estimate_memory(meta, spec, shapes, k, device=device_for(spec.trainer.device).type,
-                                 world_size=distributed.world_size_from_env(), causal_lm=task.head == "causal_lm",
-                                 head_params=head)
-    except ValueError as e:  # a config without the fields the estimate reads: the run goes on without one
+        return estimate_memory(meta, spec, shapes, k, device=device_for(spec.trainer.device).type,
+                               world_size=distributed.world_size_from_env(), causal_lm=task.head == "causal_lm",
+                               head_params=sum(p.numel() for p in head.values()))
+    except ValueError as e:
         log.warning("no memory estimate for model=%s: %s", spec.model.name, e)
-        memory = None
-    return shapes, k, memory
+        return None
 
 
 def preflight(cfg: DictConfig, run_dir: Path) -> Plan:
@@ -116,7 +117,9 @@ def preflight(cfg: DictConfig, run_dir: Path) -> Plan:
     spec = validate(cfg)
     task = registry.get("task", spec.task.name).obj(spec.task, spec.paths.resolve("data_dir"))
     check_combination(spec, task)
-    shapes, k, memory = plan_budget(spec, task)
+    meta = build_meta_model(spec.model, task.head, task.num_labels, spec.paths.resolve("cache_dir"))
+    shapes, k = plan_budget(spec, meta)
+    memory = plan_memory(spec, task, meta, shapes, k)
     config = spec.resolved()
     config["method"].update({key: value for key, value in asdict(spec.method).items()
                              if key in config["method"]})  # what pre-flight derived (LoRA's rank from density)

@@ -185,6 +185,29 @@ def test_fisher_on_a_transformer_with_padding_counts_only_real_tokens():
         torch.testing.assert_close(scores[n], expected[n], atol=1e-5 * float(scale), rtol=1e-3)
 
 
+def explicit_grasp(model, targets, loss_g, loss_h) -> dict[str, torch.Tensor]:
+    """W ⊙ (H g) on the flattened targets, by torch.autograd: ``loss_g(params)`` gives g, ``loss_h(params)`` H,
+    each taking ``{"<name>.weight": tensor}`` for torch.func.functional_call."""
+    model.eval()
+    names = list(targets)
+    shapes = [targets[n].weight.shape for n in names]
+    sizes = [s.numel() for s in shapes]
+    flat = torch.cat([targets[n].weight.detach().reshape(-1) for n in names])
+    params = lambda theta: {f"{n}.weight": p.view(s) for n, p, s in zip(names, theta.split(sizes), shapes)}  # noqa: E731
+    theta = flat.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(loss_g(params(theta)), theta)
+    _, hg = torch.autograd.functional.hvp(lambda t: loss_h(params(t)), flat.clone(), g)
+    return {n: e.view(s) for n, e, s in zip(names, (flat * hg).split(sizes), shapes)}
+
+
+def assert_close_to(scores: dict, expected: dict) -> float:
+    """Tolerance 1e-4 relative to the largest expected score; returns that score."""
+    top = max(float(e.abs().max()) for e in expected.values())
+    for n, e in expected.items():
+        torch.testing.assert_close(scores[n], e, atol=1e-4 * top, rtol=1e-4)
+    return top
+
+
 @pytest.mark.parametrize("temperature", [1.0, 200.0])
 def test_grasp_equals_an_explicit_hessian_vector_product(temperature, tiny):
     """W ⊙ (H g): g from the first half of the examples, H from the second, on the flattened targets,
@@ -196,27 +219,15 @@ def test_grasp_equals_an_explicit_hessian_vector_product(temperature, tiny):
     entry = registry.get("metric", "grasp")
     scores = entry.obj(entry.schema(temperature=temperature)).score(context(model, targets, batches))
 
-    model.eval()
-    names = list(targets)
-    shapes = [targets[n].weight.shape for n in names]
-    sizes = [s.numel() for s in shapes]
-    flat = torch.cat([targets[n].weight.detach().reshape(-1) for n in names])
     data = full_batch(batches)  # 10 examples: the first 5 give g, the last 5 give H
     halves = [{k: v[:5] for k, v in data.items()}, {k: v[5:] for k, v in data.items()}]
 
-    def loss(theta, half):
-        params = {f"{n}.weight": p.view(s) for n, p, s in zip(names, theta.split(sizes), shapes)}
+    def loss(params, half):
         inputs = {k: v for k, v in half.items() if k != "labels"}
         logits = functional_call(model, params, args=(), kwargs=inputs).logits
         return F.cross_entropy(logits / temperature, half["labels"])
 
-    theta = flat.clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(loss(theta, halves[0]), theta)
-    _, hg = torch.autograd.functional.hvp(lambda t: loss(t, halves[1]), flat.clone(), g)
-    expected = dict(zip(names, (flat * hg).split(sizes)))
-    top = max(float(e.abs().max()) for e in expected.values())
-    for n, s in zip(names, shapes):
-        torch.testing.assert_close(scores[n], expected[n].view(s), atol=1e-4 * top, rtol=1e-4)
+    assert_close_to(scores, explicit_grasp(model, targets, lambda p: loss(p, halves[0]), lambda p: loss(p, halves[1])))
 
 
 class TinyCausalLM(torch.nn.Module):
@@ -257,27 +268,16 @@ def test_grasp_batch_reduction_is_the_released_per_batch_token_mean(temperature)
     scores = entry.obj(entry.schema(temperature=temperature, reduction="batch")).score(context(model, targets, batches))
     per_example = entry.obj(entry.schema(temperature=temperature)).score(context(model, targets, batches))
 
-    names = list(targets)
-    shapes = [targets[n].weight.shape for n in names]
-    sizes = [s.numel() for s in shapes]
-    flat = torch.cat([targets[n].weight.detach().reshape(-1) for n in names])
-
-    def loss(theta, half):
-        params = {f"{n}.weight": p.view(s) for n, p, s in zip(names, theta.split(sizes), shapes)}
+    def loss(params, half):
         total = 0
         for batch in half:
             logits = functional_call(model, params, args=(batch["input_ids"],)).logits / temperature
             total = total + F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=-100)
         return total / len(half)
 
-    theta = flat.clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(loss(theta, batches[:2]), theta)
-    _, hg = torch.autograd.functional.hvp(lambda t: loss(t, batches[2:]), flat.clone(), g)
-    expected = dict(zip(names, (flat * hg).split(sizes)))
-    top = max(float(e.abs().max()) for e in expected.values())
-    for n, s in zip(names, shapes):
-        torch.testing.assert_close(scores[n], expected[n].view(s), atol=1e-4 * top, rtol=1e-4)
-    assert any((per_example[n] - scores[n]).abs().max() > 1e-3 * top for n in names)
+    top = assert_close_to(scores, explicit_grasp(model, targets, lambda p: loss(p, batches[:2]),
+                                                 lambda p: loss(p, batches[2:])))
+    assert any((per_example[n] - scores[n]).abs().max() > 1e-3 * top for n in targets)
 
 
 def test_grasp_uses_twice_the_examples_and_splits_them_in_halves():

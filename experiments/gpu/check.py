@@ -32,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ["task=gsm8k", "model=smollm2_135m", "debug=fast", "logger=none", "method.save_adapter=false",
          "task.max_eval_examples=2", "task.max_new_tokens=16"]
+QUICK_TRAIN = ["debug=fast", "logger=none", "method.save_adapter=false", "trainer.max_steps=2"]
 
 
 def env_record(device: str) -> dict:
@@ -72,12 +73,10 @@ def bench(shape: str, device: str, quick: bool) -> dict:
 
 def train(device: str, quick: bool, extra: list[str], launcher: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        overrides = ["trainer.device=" + device, *TRAIN, *extra, f"hydra.run.dir={tmp}/run",
-                     f"paths.cache_dir={tmp}/cache"]
-        if quick:  # the default run's MiniLM instead: seconds on a CPU
-            overrides = ["trainer.device=" + device, "debug=fast", "logger=none", "method.save_adapter=false",
-                         "trainer.max_steps=2", *extra, f"hydra.run.dir={tmp}/run", f"paths.cache_dir={tmp}/cache"]
-        cmd = [*(launcher or [sys.executable]), "run.py", *overrides]
+        # quick: the default run's MiniLM instead of SmolLM2 on GSM8K, seconds on a CPU
+        base = QUICK_TRAIN if quick else TRAIN
+        cmd = [*(launcher or [sys.executable]), "run.py", f"trainer.device={device}", *base, *extra,
+               f"hydra.run.dir={tmp}/run", f"paths.cache_dir={tmp}/cache"]
         rc, _, err, seconds = run(cmd, 900)
         path = Path(tmp, "run", "results.json")
         r = json.loads(path.read_text()) if path.exists() else {}

@@ -21,18 +21,16 @@ GPUS = [("RTX 4090 / A10 / L4 (24 GB)", 24), ("A6000 / L40S (48 GB)", 48), ("A10
 
 
 def estimate_preset(preset: str) -> dict:
-    from speft import registry
     from speft.config import validate
     from speft.memory import estimate
     from speft.models.architectures import meta_causal_lm
-    from speft.models.loading import find_targets, target_shapes
+    from speft.pipeline import plan_budget
     from tests.conftest import compose_cfg
 
     extra = ["task.allow_code_execution=true"] if preset.startswith("code_") else []
     spec = validate(compose_cfg(f"experiment={preset}", *extra))
     model = meta_causal_lm(spec.model.name)
-    shapes = target_shapes(find_targets(model, spec.model.family, spec.method.targets, spec.method.target_regex))
-    k = registry.get("method", spec.method.name).obj.plan_budget(spec.method, spec.budget, shapes)
+    shapes, k = plan_budget(spec, model)  # pre-flight's own budget, on the published shapes
     est = estimate(model, spec, shapes, k, device="cuda", causal_lm=True).record()
     fits = next((gpu for gpu, gb in GPUS if est["peak"] / 1024 <= gb * 0.93), "none of these")  # ~7 % unusable
     return {"preset": preset, "model": spec.model.name, "method": spec.method.name, "dtype": spec.model.dtype,

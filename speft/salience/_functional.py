@@ -27,10 +27,14 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
         if is_regression(logits, labels):
             return (logits.squeeze(-1).float() - labels.float()).square()
         return F.cross_entropy(logits.float(), labels, reduction="none")
+    tokens, counted = next_token_losses(logits, labels)
+    return tokens.sum(1) / counted.sum(1).clamp_min(1)
+
+
+def next_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal-LM losses (B, T-1) of each next token (0 where the label is -100) and which tokens count."""
     shifted, targets = logits[:, :-1].float(), labels[:, 1:]
-    tokens = F.cross_entropy(shifted.transpose(1, 2), targets, ignore_index=-100, reduction="none")
-    counted = (targets != -100).sum(1).clamp_min(1)
-    return tokens.sum(1) / counted
+    return F.cross_entropy(shifted.transpose(1, 2), targets, ignore_index=-100, reduction="none"), targets != -100
 
 
 def batch_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -38,9 +42,8 @@ def batch_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     (classification, regression) or over the batch's labelled tokens (causal LM), not per example."""
     if logits.dim() == 2:
         return per_example_loss(logits, labels).mean()
-    shifted, targets = logits[:, :-1].float(), labels[:, 1:]
-    return F.cross_entropy(shifted.transpose(1, 2), targets, ignore_index=-100, reduction="sum") / (
-        (targets != -100).sum().clamp_min(1))
+    tokens, counted = next_token_losses(logits, labels)
+    return tokens.sum() / counted.sum().clamp_min(1)
 
 
 def is_regression(logits: torch.Tensor, labels: torch.Tensor) -> bool:

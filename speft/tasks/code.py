@@ -115,7 +115,7 @@ class Code(CausalLMTask):
     def mbpp(self) -> list[dict]:
         path = self.eval_path() if self.cfg.eval_file else self.local("mbpp", "mbpp.jsonl")
         if path is not None:
-            rows = [mbpp_row(r, f"{path}: task {r.get('task_id')}") for r in read_jsonl_objects(path)]
+            rows = [mbpp_row(r, f"{path}: task {r.get('task_id')}") for r in read_jsonl(path, ())]
             split = {name: [r for r in rows if r["task_id"] in ids] for name, ids in MBPP_SPLITS.items()}
         else:
             split = {name: [mbpp_row(r, f"{HUB_MBPP} {name}") for r in self.hub(HUB_MBPP, "full", name, training=False)]
@@ -153,20 +153,6 @@ class Code(CausalLMTask):
         return ({"pass_at_1": out["pass_at_1"]},
                 {"examples": out["num_examples"], "problems_per_s": out["problems_per_s"],
                  "execution_s": out["execution_s"]})
-
-
-def read_jsonl_objects(path: Path) -> list[dict]:
-    import json
-
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except ValueError as e:
-                    raise DataError(f"{path}:{n}: not a JSON object ({e})") from None
-    return rows
 
 
 def mbpp_row(row, where: str) -> dict:

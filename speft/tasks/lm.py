@@ -2,7 +2,7 @@
 
 Training rows are ``{"prompt", "input", "response"}`` whatever the source; a *template* turns them into
 a prompt text and a response text (``qa``: ``Question: …\\nAnswer: …``, the format GSM8K is evaluated
-in; ``alpaca``: the Stanford Alpaca prompt, also used by MetaMathQA and PiSSA's training script;
+in; ``alpaca``: the Stanford Alpaca prompt, also used by MetaMathQA;
 ``pissa``: PiSSA's training prompt, which the released code's LLM scripts follow; ``chat``: the
 tokenizer's chat template, user turn then assistant turn). The response ends with the
 end-of-sequence token so the model learns to stop, and the loss covers the response tokens only
@@ -245,7 +245,7 @@ def read_json_list(path: Path, keys: tuple[str, ...]) -> list[dict]:
 
 def require(row: Any, keys: tuple[str, ...], where: str) -> None:
     if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object with keys {', '.join(keys)}")
+        raise DataError(f"{where}: expected a JSON object" + (f" with keys {', '.join(keys)}" if keys else ""))
     missing = [k for k in keys if not isinstance(row.get(k), str)]
     if missing:
         raise DataError(f"{where}: missing or non-text field(s) {', '.join(missing)}; expected {', '.join(keys)}")
