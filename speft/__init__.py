@@ -1,3 +1,15 @@
 """speft: sparse parameter-efficient fine-tuning with salience-selected masks."""
 
+import logging
+import warnings
+
 __version__ = "0.1.0"
+
+# A quantized base (speft.models.quantization) runs on bitsandbytes, which peft imports whenever it is installed.
+# Its CPU backend looks for an optional kernel download at import and logs a warning when the Hub cannot be
+# reached (and the kernels package another, offline); it falls back to its own CPU kernel, which is what runs
+# here (and offline).
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda r: "gemm_4bit_forward" not in r.getMessage())
+logging.getLogger("kernels._internals.hf_hub").addFilter(lambda r: "quantization-bitsandbytes" not in r.getMessage())
+# int8 matmuls take fp16 inputs: bitsandbytes warns on every call with fp32 or bf16 activations.
+warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")

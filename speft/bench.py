@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from speft.models.architectures import ARCHITECTURES
+from speft.models.quantization import QUANTIZATIONS
 from speft.utils import peak_rss_mb
 
 METHODS = ("sparse", "lora", "full", "frozen")
@@ -92,6 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
+    p.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
+                   help="the frozen linear layers in NF4 or int8 (bitsandbytes; LoRA becomes QLoRA)")
     p.add_argument("--table", default=None,
                    help="also write the rows as a Markdown table to this file (experiments/efficiency/)")
     p.add_argument("--topk-scores", type=float, default=None,
@@ -99,6 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "speft's global top-k vs a concatenating torch.topk")
     p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     p.add_argument("--mask-file", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)  # the random model, saved to quantize
     p.add_argument("--topk-worker", choices=("speft", "concat"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     family, targets, batch, seq, _ = shape_defaults(args.shape)
@@ -114,13 +118,29 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"unknown masks {sorted(unknown)}; choose from {', '.join(MASKS)}")
     if min(args.batch, args.seq, args.steps, args.repeats, args.score_examples, *args.rank) < 1 or args.warmup < 0:
         p.error("--batch, --seq, --steps, --repeats, --score-examples and --rank must be >= 1, --warmup >= 0")
+    if args.quantization != "none" and "full" in ([args.worker] if args.worker else args.methods.split(",")):
+        p.error(f"--quantization {args.quantization}: full fine-tuning trains the quantized weights; leave out full "
+                f"(--methods sparse,lora,frozen)")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available here")
     return args
 
 
 def random_model(args: argparse.Namespace):
-    """A randomly initialised model of ``args.shape`` in ``args.dtype`` on ``args.device``."""
+    """A randomly initialised model of ``args.shape`` in ``args.dtype`` on ``args.device``; with ``--quantization``,
+    the same model (saved once by the parent as ``--checkpoint``) loaded through transformers' bitsandbytes
+    quantization, as a run loads its base."""
+    if args.checkpoint:
+        from speft.models.families import FAMILIES
+        from speft.models.loading import auto_class
+        from speft.models.quantization import bnb_config
+
+        dtype = getattr(torch, args.dtype)
+        quantization = bnb_config(args.quantization, dtype, FAMILIES[args.family].head)
+        head = "seq_cls" if args.family == "bert" else "causal_lm"
+        device_map = {"": args.device} if args.device != "cpu" else None
+        return auto_class(head).from_pretrained(args.checkpoint, dtype=dtype, quantization_config=quantization,
+                                                device_map=device_map)
     cfg = dict(SHAPES[args.shape])
     if args.family == "bert":
         from transformers import BertConfig, BertForSequenceClassification
@@ -250,6 +270,7 @@ def build(args: argparse.Namespace, method: str):
     from speft.config import Budget
     from speft.masks.selection import select_global
     from speft.models.loading import find_targets, target_shapes
+    from speft.models.quantization import weight_shape
     from speft.sparse.layer import inject
 
     torch.manual_seed(0)
@@ -263,13 +284,15 @@ def build(args: argparse.Namespace, method: str):
             indices = torch.load(args.mask_file)
         else:
             k = Budget("lora", rank).resolve(target_shapes(targets))
-            scores = {n: torch.rand(m.weight.shape, device=args.device) for n, m in targets.items()}
+            scores = {n: torch.rand(weight_shape(m), device=args.device) for n, m in targets.items()}
             indices = select_global(scores, k)
             del scores
         inject(model, {n: indices[n].to(args.device) for n in targets})
     elif method == "lora":
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+        if args.quantization != "none":  # QLoRA, as method=lora on a quantized base
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0,
                                                  target_modules=sorted(targets)))
     elif method == "frozen":
@@ -358,7 +381,7 @@ def worker(args: argparse.Namespace) -> dict:
     row = {"method": method, "step_s": round(statistics.median(times), 4), "peak_memory_mb": round(peak, 1),
            "trainable": sum(p.numel() for p in params), "shape": args.shape, "batch": args.batch,
            "seq": args.seq, "targets": args.targets, "device": args.device, "dtype": args.dtype,
-           "threads": torch.get_num_threads()}
+           "threads": torch.get_num_threads(), "quantization": args.quantization}
     if method in ("sparse", "lora"):
         row["rank"] = args.rank[0]
     if method == "sparse":
@@ -441,8 +464,8 @@ def markdown_table(rows: list[dict]) -> str:
         else:
             lines.append("| " + " | ".join(cell(row, k) for k in keys) + " |")
     first = next((r for r in rows if "error" not in r), {})
-    setting = ", ".join(f"{k} {first[k]}" for k in ("shape", "batch", "seq", "targets", "device", "dtype", "threads")
-                        if k in first)
+    setting = ", ".join(f"{k} {first[k]}" for k in ("shape", "batch", "seq", "targets", "device", "dtype",
+                                                    "quantization", "threads") if k in first)
     return f"{setting}; median of {first.get('repeats', 1)} processes per row\n\n" + "\n".join(lines) + "\n"
 
 
@@ -461,9 +484,14 @@ def main(argv=None) -> list[dict]:
             print(json.dumps(row), flush=True)
         return rows
     common = [f"--shape={args.shape}", f"--batch={args.batch}", f"--seq={args.seq}", f"--targets={args.targets}",
-              f"--steps={args.steps}", f"--warmup={args.warmup}", f"--device={args.device}", f"--dtype={args.dtype}"]
+              f"--steps={args.steps}", f"--warmup={args.warmup}", f"--device={args.device}", f"--dtype={args.dtype}",
+              f"--quantization={args.quantization}"]
     configs = configurations(args)
     with tempfile.TemporaryDirectory() as tmp:
+        if args.quantization != "none":  # the random model once, for each worker to load quantized
+            torch.manual_seed(0)
+            random_model(args).save_pretrained(os.path.join(tmp, "model"))
+            common.append(f"--checkpoint={os.path.join(tmp, 'model')}")
         mask_files = {}
         if any(c[2] == "grad" for c in configs):
             for r, indices in cached_grad_masks(args).items():

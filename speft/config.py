@@ -54,12 +54,18 @@ class ModelConfig:
     revision: Optional[str] = None  # Hub revision, for reproducibility when online
     gguf_file: Optional[str] = None  # a GGUF checkpoint inside name_or_path, de-quantised on load
     dtype: str = "float32"  # frozen base weights' dtype; trainable values are always fp32
+    # none | nf4 | int8: the frozen linear layers in 4 or 8 bits through bitsandbytes (QLoRA's base), computing
+    # in `dtype`; the head and embeddings stay in `dtype`. none: the study's runs
+    quantization: str = "none"
 
     def __post_init__(self) -> None:
         from speft.models.families import FAMILIES
+        from speft.models.quantization import QUANTIZATIONS, require_bitsandbytes
 
         check_choice("model.family", self.family, sorted(FAMILIES))
         check_choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        check_choice("model.quantization", self.quantization, QUANTIZATIONS)
+        require_bitsandbytes(self.quantization)
 
 
 @dataclass
@@ -239,7 +245,8 @@ NON_COMPUTING_KEYS = ("skip_completed", "resume", "dry_run", "trainer.checkpoint
 # recorded config without the key is the same config as one holding this value (resume, skip_completed).
 ADDED_KEYS = {"debug_run": False, "trainer.head_warmup_steps": 0, "task.heldout_examples": None,
               "task.evaluation": "generate", "task.generate_examples": None, "trainer.fused_adamw": None,
-              "trainer.tf32": None, "metric.reduction": "example", "metric.attention": "eager", "dry_run": False}
+              "trainer.tf32": None, "metric.reduction": "example", "metric.attention": "eager", "dry_run": False,
+              "model.quantization": "none"}
 
 
 @dataclass

@@ -4,7 +4,8 @@ salience score buffers, and the activations of one micro-batch (training) or one
 
     peak = runtime + weights + max(loading, scoring, training)
 
-* ``weights``: every parameter in ``model.dtype`` (a GGUF checkpoint is de-quantised to it);
+* ``weights``: every parameter in ``model.dtype`` (a GGUF checkpoint is de-quantised to it), or with
+  ``model.quantization`` the linear layers outside the head in NF4 (0.53 bytes per weight) or int8 (1 byte);
 * ``loading`` (host runs): one more copy of the weights while the checkpoint is read (a state dict beside the
   model); on a GPU the weights load shard by shard straight into the model (``device_map``), counted as none;
 * ``scoring`` (methods with salience): one fp32 buffer per target weight (``sample_factor``-fold for metrics
@@ -28,6 +29,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from torch import nn
+
+from speft.models.loading import is_head
+from speft.models.quantization import bytes_per_weight
 
 MB = 2**20
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -121,6 +125,27 @@ def activation_bytes(shape: Shape, batch: int, length: int, dtype_bytes: int, ch
     return stored + per_layer + (2 * 4 * tokens * shape.vocab if causal_lm else 0)  # fp32 logits and their gradient
 
 
+def weight_bytes(model: nn.Module, cfg, dtype_bytes: int, peft: bool = False) -> int:
+    """Every parameter in ``model.dtype``; with ``model.quantization``, the linear layers outside the head in 4 or 8
+    bits (:func:`speft.models.quantization.bytes_per_weight`), and for the LoRA family (``peft``) every other
+    parameter in fp32, as PEFT's k-bit preparation casts them."""
+    if cfg.quantization == "none":
+        return sum(p.numel() for p in model.parameters()) * dtype_bytes
+    quantized = {id(m.weight): m for name, m in model.named_modules()
+                 if isinstance(m, nn.Linear) and not is_head(name, cfg.family)}
+    rest = 4 if peft else dtype_bytes
+    return round(sum(p.numel() * (bytes_per_weight(cfg.quantization, dtype_bytes, quantized[id(p)].in_features)
+                                  if id(p) in quantized else rest) for p in model.parameters()))
+
+
+def loading_bytes(model: nn.Module, cfg, dtype_bytes: int, weights: int, device: str) -> int:
+    """Host runs hold a second copy of the weights while the checkpoint is read; a quantized base is quantized
+    from the full-precision checkpoint, all of whose pages are read. None on a GPU (shard by shard)."""
+    if device != "cpu":
+        return 0
+    return weights if cfg.quantization == "none" else sum(p.numel() for p in model.parameters()) * dtype_bytes
+
+
 def trainable_bytes(method: str, budget: int | None, params: int, head: int) -> int:
     """What training adds to the weights: fp32 gradients and AdamW's two moments of every trained entry, and
     the values themselves where they are separate from the weights (sparse values + int32 indices, adapters)."""
@@ -139,7 +164,6 @@ def estimate(model: nn.Module, spec, targets: dict[str, tuple[int, int]], budget
 
     dtype_bytes = DTYPE_BYTES[spec.model.dtype]
     params = sum(p.numel() for p in model.parameters())
-    weights = params * dtype_bytes
     shape = Shape.of(model)
     length, tcfg = spec.task.max_length, spec.trainer
     checkpointing = tcfg.gradient_checkpointing
@@ -147,6 +171,7 @@ def estimate(model: nn.Module, spec, targets: dict[str, tuple[int, int]], budget
     train_acts = activation_bytes(shape, per_process(tcfg.batch_size), length, dtype_bytes, checkpointing, causal_lm)
     scores = score_acts = 0
     method = registry.get("method", spec.method.name).obj
+    weights = weight_bytes(model, spec.model, dtype_bytes, peft=method.uses_peft)
     if method.uses_salience:
         metric = registry.get("metric", spec.metric.name).obj
         factor = metric.sample_factor  # GraSP keeps two halves
@@ -157,6 +182,6 @@ def estimate(model: nn.Module, spec, targets: dict[str, tuple[int, int]], budget
     host = RUNTIME_MB["cpu"] + (PEFT_IMPORT_MB if method.uses_peft else 0)
     runtime = RUNTIME_MB["cuda"] if device == "cuda" else host
     return MemoryEstimate(device=device, runtime=runtime * MB,
-                          weights=weights, loading=weights if device == "cpu" else 0,
+                          weights=weights, loading=loading_bytes(model, spec.model, dtype_bytes, weights, device),
                           trainable=trainable_bytes(spec.method.name, budget, params, head_params),
                           scores=scores, score_activations=score_acts, activations=train_acts)

@@ -33,6 +33,7 @@ from speft.models.loading import (
     load_tokenizer,
     target_shapes,
 )
+from speft.models.quantization import weight_numel
 from speft.registry import ConfigError
 from speft.results import RunRecord, completed_result, higher_is_better, read_result, write_json_atomic
 from speft.salience.scorer import Scorer
@@ -78,7 +79,24 @@ def check_combination(spec: Spec, task) -> None:
         raise ConfigError(f"method=full with model.dtype={spec.model.dtype}: AdamW would update the "
                           f"{spec.model.dtype} weights in place, where updates smaller than the weight's last bit "
                           f"round away; use model.dtype=float32 for full fine-tuning")
+    check_quantized_base(spec, method_cls, mask_cls)
     check_world(spec, distributed.world_size_from_env())
+
+
+def check_quantized_base(spec: Spec, method_cls, mask_cls) -> None:
+    """A quantized base trains only with the components that can run on it (each says why it cannot)."""
+    if spec.model.quantization == "none":
+        return
+    parts = [("method", method_cls)]
+    if method_cls.uses_salience:
+        parts += [("metric", registry.get("metric", spec.metric.name).obj), ("mask", mask_cls)]
+    for group, cls in parts:
+        if cls.quantized_refusal is not None:
+            name = getattr(spec, group).name
+            ok = [n for n in registry.names(group) if registry.get(group, n).obj.quantized_refusal is None]
+            raise ConfigError(f"{group}={name} cannot run on model.quantization={spec.model.quantization}: "
+                              f"{cls.quantized_refusal}. Valid choices on a quantized base: {', '.join(ok)} "
+                              f"(or model.quantization=none)")
 
 
 def check_world(spec: Spec, world: int) -> None:
@@ -553,7 +571,7 @@ def train_and_validate(state: RunState, prepared: Prepared, mask, scorer: Scorer
                             checkpointing=checkpointing(state, mask, scorer), dist=state.dist)
     state.timings["training_s"] = time.perf_counter() - t0 - state.timings.get("evaluation_s", 0.0)
     if dynamic:
-        state.record.update(mask_final={n: {"selected": m.values.numel(), "total": m.weight.numel()}
+        state.record.update(mask_final={n: {"selected": m.values.numel(), "total": weight_numel(m)}
                                         for n, m in sparse_layers(model).items()})
     state.record.update(history=train_state.history, mask_updates=train_state.mask_updates,
                         train_steps=train_state.step)

@@ -121,7 +121,18 @@ def test_minilm_shape_is_the_default_runs_model_with_its_attention_targets():
     assert counts == {"sparse": 6 * 4 * (384 + 384) + head, "lora": 6 * 4 * (384 + 384) + head, "frozen": 0}
 
 
+def test_nf4_rows_train_sparse_and_qlora_on_a_quantized_base_at_equal_counts(capsys):
+    pytest.importorskip("bitsandbytes")
+    rows = main([*TINY, "--rank", "2", "--quantization", "nf4", "--methods", "sparse,lora,frozen"])
+    assert not any("error" in r for r in rows), rows
+    by = {r["method"]: r for r in rows}
+    assert set(by) == {"sparse", "lora", "frozen"} and all(r["quantization"] == "nf4" for r in rows)
+    assert by["sparse"]["trainable"] == by["lora"]["trainable"] == lora_count(2)
+    assert by["sparse"]["step_vs_frozen"] == round(by["sparse"]["step_s"] / by["frozen"]["step_s"], 3)
+
+
 @pytest.mark.parametrize("bad", [["--mask", "magnitude"], ["--methods", "sparse,qlora"], ["--rank", "4,x"],
+                                 ["--quantization", "nf4"], ["--quantization", "nf3", "--methods", "sparse"],
                                  ["--rank", "0"], ["--device", "cuda"] if not torch.cuda.is_available() else
                                  ["--repeats", "0"]])
 def test_bad_arguments_fail_early(bad, capsys):

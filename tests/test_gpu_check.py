@@ -17,7 +17,7 @@ def test_the_gpu_check_runs_its_cpu_parts_and_writes_one_line_per_check(tmp_path
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     records = {r["check"]: r for r in map(json.loads, out.read_text().splitlines())}
-    assert list(records) == ["env", "bench/tiny", "train/default", "train/gsm8k-nf4", "nccl"]
+    assert list(records) == ["env", "bench/tiny", "train/default", "train/default-nf4", "nccl"]
     assert records["env"]["torch"] and records["env"]["gpus"] == []
     methods = {r["method"]: r for r in records["bench/tiny"]["rows"]}
     assert set(methods) == {"sparse", "lora"} and methods["lora"]["step_vs_lora"] == 1.0
@@ -25,4 +25,7 @@ def test_the_gpu_check_runs_its_cpu_parts_and_writes_one_line_per_check(tmp_path
     train = records["train/default"]
     assert train["status"] == "completed" and train["train_steps"] == 2
     assert train["peak_memory_mb"]["rss"] > 0 and train["memory_estimate_mb"]["peak"] > 0
-    assert records["nccl"]["status"] == "skipped" and records["train/gsm8k-nf4"]["status"] == "skipped"
+    assert records["nccl"]["status"] == "skipped"
+    nf4 = records["train/default-nf4"]
+    assert nf4["status"] == "completed"
+    assert nf4["memory_estimate_mb"]["weights"] < train["memory_estimate_mb"]["weights"]

@@ -81,9 +81,31 @@ def measured(overrides: list[str], tmp_path) -> tuple[float, float]:
 
 
 @needs_data
-def test_the_estimate_is_within_tolerance_of_a_measured_peak(tmp_path):
-    rss, est = measured(["task=glue/mrpc", "task.max_length=48"], tmp_path)
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_the_estimate_is_within_tolerance_of_a_measured_peak(quantization, tmp_path):
+    rss, est = measured(["task=glue/mrpc", "task.max_length=48", f"model.quantization={quantization}"], tmp_path)
     assert abs(rss / est - 1) <= TOLERANCE, (rss, est)
+
+
+def test_nf4_counts_its_linear_layers_at_half_a_byte_and_qlora_casts_the_rest_to_fp32(compose_config):
+    from speft.memory import weight_bytes
+    from speft.models.loading import build_meta_model
+    from speft.models.quantization import bytes_per_weight
+
+    spec = validate(compose_config("model=smollm2_135m", "model.quantization=nf4", "model.dtype=bfloat16"))
+    meta = build_meta_model(spec.model, "causal_lm", None)
+    linear = sum(m.weight.numel() for n, m in meta.named_modules()
+                 if isinstance(m, torch.nn.Linear) and n != "lm_head")  # lm_head is the tied embedding
+    rest = sum(p.numel() for p in meta.parameters()) - linear
+    assert weight_bytes(meta, spec.model, 2) == round(linear * bytes_per_weight("nf4", 2, 576) + 2 * rest)
+    assert weight_bytes(meta, spec.model, 2, peft=True) == round(linear * bytes_per_weight("nf4", 2, 576) + 4 * rest)
+
+
+def test_the_committed_measurements_are_within_tolerance():
+    rows = json.loads((ROOT / "experiments" / "memory" / "measured.json").read_text())
+    assert {"minilm/mrpc/sparse/nf4", "smollm2/gsm8k/lora/nf4"} <= {r["case"] for r in rows}
+    for r in rows:
+        assert abs(r["measured_rss_mb"] / r["estimate_mb"] - 1) <= TOLERANCE, r["case"]
 
 
 @needs_data

@@ -11,8 +11,8 @@ Checks, in order (each in its own process; a failing check is recorded and the n
   shape and a 1B Llama shape;
 * ``train/gsm8k``: a short GSM8K training and evaluation of the packaged SmolLM2-135M on the device
   (``debug=fast``): status, metrics, step time, the measured peak against pre-flight's memory estimate;
-* ``train/gsm8k-nf4``: the same on a 4-bit base, once ``model.quantization`` exists (recorded as skipped
-  until then);
+* ``bench/smollm2-135m-nf4``: the bench on an NF4 base (sparse, QLoRA, frozen), full-size runs only;
+* ``train/gsm8k-nf4``: the same training on a 4-bit base (``model.quantization=nf4``; quick: the default run's);
 * ``nccl``: the same run data-parallel on two GPUs through ``torchrun`` when two are visible (else skipped).
 
 Writes ``<out>`` (default ``experiments/gpu/check-<device>.jsonl``); commit it with the run's date.
@@ -60,11 +60,13 @@ def run(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[int, s
         return 124, e.stdout or "", f"timed out after {timeout:.0f} s", time.perf_counter() - t0
 
 
-def bench(shape: str, device: str, quick: bool) -> dict:
+def bench(shape: str, device: str, quick: bool, quantization: str = "none") -> dict:
     methods = "sparse,lora" if quick else "sparse,lora,frozen" + (",full" if shape == "smollm2-135m" else "")
+    if quantization != "none":
+        methods = "sparse,lora,frozen"
     cmd = [sys.executable, "-m", "speft.bench", "--shape", shape, "--device", device, "--rank", "16",
            "--methods", methods, "--dtype", "float32" if device == "cpu" else "bfloat16",
-           "--steps", "1" if quick else "10", "--warmup", "0" if quick else "3"]
+           "--steps", "1" if quick else "10", "--warmup", "0" if quick else "3", "--quantization", quantization]
     rc, out, err, seconds = run(cmd, 600)
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     summary = [r for r in rows if "step_vs_lora" in r]  # the summary lines (one per method)
@@ -93,8 +95,11 @@ def checks(device: str, quick: bool):
     yield "env", lambda: env_record(device)
     for shape in (["tiny"] if quick else ["smollm2-135m", "llama-1b"]):
         yield f"bench/{shape}", lambda shape=shape: bench(shape, device, quick)
-    yield ("train/default" if quick else "train/gsm8k"), lambda: train(device, quick, [])
-    yield "train/gsm8k-nf4", lambda: {"status": "skipped", "reason": "model.quantization is not built yet (issue 22)"}
+    if not quick:
+        yield "bench/smollm2-135m-nf4", lambda: bench("smollm2-135m", device, quick, "nf4")
+    name = "train/default" if quick else "train/gsm8k"
+    yield name, lambda: train(device, quick, [])
+    yield f"{name}-nf4", lambda: train(device, quick, ["model.quantization=nf4"])
     if device == "cuda" and torch.cuda.device_count() >= 2:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
         yield "nccl", lambda: train(device, quick, ["trainer.batch_size=2"], launcher)

@@ -39,6 +39,9 @@ CASES = {
                            "trainer.grad_accum_steps=1", "method=lora", "task.max_eval_examples=1",
                            "task.evaluation=nll", "task.generate_examples=0"],
 }
+# The same on an NF4 base (model.quantization=nf4): sparse and QLoRA
+CASES.update({f"{name}/nf4": [*CASES[name], "model.quantization=nf4"]
+              for name in ("minilm/mrpc/sparse", "minilm/mrpc/lora", "smollm2/gsm8k/sparse", "smollm2/gsm8k/lora")})
 
 
 def measure(name: str, overrides: list[str]) -> dict:
@@ -57,13 +60,15 @@ def measure(name: str, overrides: list[str]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=ROOT / "experiments" / "memory" / "measured.json")
-    p.add_argument("--cases", nargs="*", default=list(CASES))
+    p.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES),
+                   help="cases to measure; the other rows of --out are kept")
     args = p.parse_args()
-    rows = []
+    rows = {r["case"]: r for r in json.loads(args.out.read_text())} if args.out.is_file() else {}
     for name in args.cases:
-        rows.append(measure(name, CASES[name]))
-        print(json.dumps({k: rows[-1][k] for k in ("case", "estimate_mb", "measured_rss_mb", "ratio")}), flush=True)
-    args.out.write_text(json.dumps(rows, indent=1) + "\n")
+        rows[name] = measure(name, CASES[name])
+        print(json.dumps({k: rows[name][k] for k in ("case", "estimate_mb", "measured_rss_mb", "ratio")}), flush=True)
+    ordered = [rows[name] for name in CASES if name in rows]
+    args.out.write_text(json.dumps(ordered, indent=1) + "\n")
 
 
 if __name__ == "__main__":

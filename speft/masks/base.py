@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from omegaconf import MISSING
@@ -59,6 +59,7 @@ class MaskRuntime:
 
 class MaskSchedule:
     dynamic = False
+    quantized_refusal: Optional[str] = None  # why the mask cannot run on a quantized base (None: it can)
 
     def __init__(self, cfg: MaskConfig) -> None:
         self.cfg = cfg

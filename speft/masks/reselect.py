@@ -31,6 +31,7 @@ class ReselectMaskConfig(MaskConfig):
 @register("mask", "reselect", schema=ReselectMaskConfig)
 class ReselectMask(MaskSchedule):
     dynamic = True
+    quantized_refusal = "it merges the learned delta into the base weight, which a 4-/8-bit weight cannot hold"
 
     def bind(self, runtime: MaskRuntime) -> None:
         super().bind(runtime)

@@ -55,6 +55,7 @@ class Method:
     uses_salience = False  # True: the method scores, selects and uses the mask schedule
     uses_peft = False  # True: the method is built on Hugging Face PEFT (the memory estimate counts its import)
     head_only = False  # True: trains nothing but a new task head (refused for a pretrained LM head)
+    quantized_refusal: Optional[str] = None  # why the method cannot train on a quantized base (None: it can)
 
     def __init__(self, cfg: MethodConfig) -> None:
         self.cfg = cfg

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from speft.methods.base import Method, MethodConfig, PrepareContext, Prepared
 from speft.models.loading import head_parameters
+from speft.models.quantization import weight_numel
 from speft.registry import register
 
 
@@ -16,6 +17,8 @@ class FullMethodConfig(MethodConfig):
 
 @register("method", "full", schema=FullMethodConfig)
 class Full(Method):
+    quantized_refusal = "it trains the base weights themselves, and 4-/8-bit weights cannot be trained"
+
     def prepare(self, ctx: PrepareContext, lr: float, head_lr: float) -> Prepared:
         # A new task head trains apart (its own lr); a pretrained LM head is part of the body.
         head = set(map(id, head_parameters(ctx.model, ctx.family).values())) if ctx.new_head else set()
@@ -23,7 +26,7 @@ class Full(Method):
         for p in body:
             p.requires_grad_(True)
         head_groups, n_head = self.head_group(ctx, head_lr)
-        target_entries = sum(m.weight.numel() for m in ctx.targets.values())
+        target_entries = sum(weight_numel(m) for m in ctx.targets.values())
         return Prepared(param_groups=[{"params": body, "lr": lr, "name": "body"}, *head_groups],
                         trainable={"body": sum(p.numel() for p in body), "head": n_head},
                         target_trainable=target_entries)

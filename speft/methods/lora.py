@@ -15,6 +15,7 @@ from typing import Optional
 
 from speft.config import Budget, check, check_positive
 from speft.methods.base import Method, MethodConfig, PrepareContext, Prepared, freeze_all
+from speft.models.quantization import quantized_layers
 from speft.registry import ConfigError, register
 
 log = logging.getLogger(__name__)
@@ -50,10 +51,14 @@ class PeftAdapter(Method):
         return rank * sum(o + i for o, i in shapes.values())
 
     def prepare(self, ctx: PrepareContext, lr: float, head_lr: float) -> Prepared:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
         cfg = self.cfg
         freeze_all(ctx.model)
+        if quantized_layers(ctx.model):
+            # QLoRA: PEFT's k-bit preparation (the released code's too) keeps norms, embeddings and the head in fp32
+            # beside the quantized layers; gradient checkpointing, when configured, is already on
+            prepare_model_for_kbit_training(ctx.model, use_gradient_checkpointing=False)
         config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                             target_modules=sorted(ctx.targets), **self.peft_options)
         # PEFT injects its layers into ctx.model in place; the wrapper is kept for saving.

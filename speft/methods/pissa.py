@@ -25,6 +25,9 @@ class PissaMethodConfig(LoraMethodConfig):
 
 @register("method", "pissa", schema=PissaMethodConfig)
 class Pissa(PeftAdapter):
+    quantized_refusal = ("PEFT's PiSSA initialisation takes the singular vectors of a float weight (QPiSSA, which "
+                         "re-quantizes the residual, is not built)")
+
     @property
     def peft_options(self) -> dict:
         niter = self.cfg.svd_niter

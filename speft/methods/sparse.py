@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from speft.config import check, check_positive
 from speft.methods.base import Method, MethodConfig, PrepareContext, Prepared, freeze_all
+from speft.models.quantization import weight_numel
 from speft.registry import register
 from speft.sparse.io import save_adapter
 from speft.sparse.layer import VALUES_GROUP, inject
@@ -50,7 +51,7 @@ class Sparse(Method):
         for v in values:
             v.requires_grad_(True)
         head_groups, n_head = self.head_group(ctx, head_lr)
-        mask = {n: {"selected": layer.values.numel(), "total": layer.weight.numel()} for n, layer in layers.items()}
+        mask = {n: {"selected": layer.values.numel(), "total": weight_numel(layer)} for n, layer in layers.items()}
         n_sparse = sum(v.numel() for v in values)
         log.info("sparse: %d entries in %d modules, head %d", n_sparse, len(layers), n_head)
         return Prepared(

@@ -17,6 +17,7 @@ from torch import nn
 
 from speft.config import ModelConfig
 from speft.models.families import FAMILIES
+from speft.models.quantization import bnb_config, check_quantized, release_checkpoint, weight_shape
 from speft.registry import ConfigError
 
 log = logging.getLogger(__name__)
@@ -136,14 +137,25 @@ def load_model(cfg: ModelConfig, head: str, num_labels: int | None, cache_dir: P
         kwargs["num_labels"] = num_labels
     if device is not None and device.type != "cpu" and not cfg.gguf_file:  # GGUF is de-quantised on the host
         kwargs["device_map"] = {"": device}
+    quantization = bnb_config(cfg.quantization, DTYPES[cfg.dtype], FAMILIES[cfg.family].head)
+    if quantization is not None:
+        if "gguf_file" in kwargs:  # transformers refuses to quantize a GGUF checkpoint: it needs the plain copy
+            raise ConfigError(f"model.quantization={cfg.quantization} on a GGUF checkpoint needs its de-quantised "
+                              f"copy: set paths.cache_dir")
+        kwargs["quantization_config"] = quantization
     with hub_only_hint(cfg, source), quiet_load_report():
         model, info = auto_class(head).from_pretrained(source, dtype=DTYPES[cfg.dtype], output_loading_info=True,
                                                        **kwargs)
     report_loading(model, info, cfg)
-    if cfg.gguf_file:
+    check_quantized(model, cfg.quantization, source)
+    if "gguf_file" in kwargs:  # read from the GGUF file itself (no cache folder), not from its plain copy
         dequantised(model)
     if getattr(model.config, "pad_token_id", None) is None and getattr(model.config, "eos_token_id", None) is not None:
         model.config.pad_token_id = model.config.eos_token_id  # decoders: pool at the last real token
+    if quantization is not None:  # a quantized model loads in place (transformers refuses .to)
+        if device is None or device.type == "cpu":
+            release_checkpoint(model)
+        return model
     return model if device is None else model.to(device)
 
 
@@ -220,4 +232,4 @@ def head_parameters(model: nn.Module, family: str) -> dict[str, nn.Parameter]:
 
 
 def target_shapes(targets: dict[str, nn.Linear]) -> dict[str, tuple[int, int]]:
-    return {name: (m.out_features, m.in_features) for name, m in targets.items()}
+    return {name: weight_shape(m) for name, m in targets.items()}

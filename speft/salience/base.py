@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import torch
@@ -22,6 +23,7 @@ from omegaconf import MISSING
 from torch import nn
 
 from speft.config import check_positive
+from speft.models.quantization import dense_weight, is_quantized, weight_shape
 
 
 @dataclass
@@ -55,6 +57,7 @@ class SalienceMetric:
 
     sample_factor = 1  # scoring examples drawn per `num_score_examples` (GraSP: 2, one half for g, one for H)
     data_free = False  # True when the scores do not depend on the examples (SynFlow)
+    quantized_refusal: Optional[str] = None  # why the metric cannot score a quantized base (None: it can)
 
     def __init__(self, cfg: MetricConfig) -> None:
         self.cfg = cfg
@@ -72,7 +75,7 @@ def num_examples(batch: dict) -> int:
 
 def accumulators(targets: dict[str, nn.Linear], offload: bool = False) -> dict[str, torch.Tensor]:
     """One zero fp32 buffer per target weight, on the weight's device or (``offload``) in CPU memory."""
-    return {name: torch.zeros(m.weight.shape, dtype=torch.float32,
+    return {name: torch.zeros(weight_shape(m), dtype=torch.float32,
                               device="cpu" if offload else m.weight.device)
             for name, m in targets.items()}
 
@@ -85,7 +88,12 @@ def target_gradients(model: nn.Module, targets: dict[str, nn.Linear],
     (no dropout: scores are a property of the pretrained weights), except for the modules that checkpoint
     activations (``gradient_checkpointing_enable``): transformers checkpoints only in training mode, and a
     7B model's scoring pass would otherwise keep every layer's activations. Flags and mode are restored
-    after, and no parameter keeps a ``.grad``."""
+    after, and no parameter keeps a ``.grad``.
+
+    A quantized target (bitsandbytes, ``model.quantization``) has no weight autograd can differentiate: its
+    gradient with respect to the de-quantized weight is formed from the layer's input X and output gradient dY
+    (dYᵀX over the tokens, in fp32), and the input embeddings' output requires grad so that dY reaches every
+    layer, as QLoRA's preparation does."""
     saved = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     handles = []
@@ -94,6 +102,9 @@ def target_gradients(model: nn.Module, targets: dict[str, nn.Linear],
             p.requires_grad_(False)
             p.grad = None
         for name, m in targets.items():
+            if is_quantized(m):
+                handles.append(m.register_forward_hook(partial(_output_gradient, name, fold)))
+                continue
             w = m.weight
             w.requires_grad_(True)
 
@@ -102,6 +113,8 @@ def target_gradients(model: nn.Module, targets: dict[str, nn.Linear],
                 param.grad = None
 
             handles.append(w.register_post_accumulate_grad_hook(hook))
+        if any(is_quantized(m) for m in targets.values()):
+            handles.append(model.get_input_embeddings().register_forward_hook(_require_grad))
         model.eval()
         for m in model.modules():
             if getattr(m, "gradient_checkpointing", False) is True:
@@ -114,6 +127,22 @@ def target_gradients(model: nn.Module, targets: dict[str, nn.Linear],
         for p, flag in saved.items():
             p.requires_grad_(flag)
             p.grad = None
+
+
+def _require_grad(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+    out.requires_grad_(True)
+
+
+def _output_gradient(name: str, fold: Callable[[str, torch.Tensor], None], module: nn.Module, args: tuple,
+                     out: torch.Tensor) -> None:
+    """Forward hook of a quantized target: when its output's gradient dY arrives, fold dYᵀX (the gradient of the
+    de-quantized weight, summed over the tokens)."""
+    x = args[0].detach()
+
+    def on_grad(dy: torch.Tensor) -> None:
+        fold(name, dy.reshape(-1, dy.shape[-1]).float().t().mm(x.reshape(-1, x.shape[-1]).float()))
+
+    out.register_hook(on_grad)
 
 
 def mean_gradient(ctx: ScoreContext, offload: bool = False, abs_per_batch: bool = False) -> dict[str, torch.Tensor]:
@@ -136,5 +165,5 @@ def mean_gradient(ctx: ScoreContext, offload: bool = False, abs_per_batch: bool 
 
 
 def weight(module: nn.Linear, like: torch.Tensor) -> torch.Tensor:
-    """The module's weight as fp32 on the device of ``like`` (a score buffer)."""
-    return module.weight.detach().to(device=like.device, dtype=torch.float32)
+    """The module's weight (de-quantized for a quantized base) as fp32 on the device of ``like`` (a score buffer)."""
+    return dense_weight(module).detach().to(device=like.device, dtype=torch.float32)

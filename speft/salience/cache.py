@@ -33,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from speft.distributed import SINGLE, Dist
+from speft.models.quantization import weight_shape
 from speft.salience.base import SalienceMetric, ScoreContext
 from speft.salience.memory import PeakMemory
 from speft.utils import atomic_write
@@ -56,7 +57,7 @@ def key_document(metric: SalienceMetric, ctx: ScoreContext, description: dict[st
         "metric": cfg,
         "examples": ctx.num_examples,
         "seed": ctx.seed,
-        "targets": {name: list(m.weight.shape) for name, m in sorted(ctx.targets.items())},
+        "targets": {name: list(weight_shape(m)) for name, m in sorted(ctx.targets.items())},
         **description,
     }
 
@@ -149,7 +150,7 @@ def compute_scores(metric: SalienceMetric, ctx: ScoreContext, cache_dir: Path | 
         if path is not None:
             info["cache"], info["path"] = "miss", str(path)
             if path.exists():
-                shapes = {name: tuple(m.weight.shape) for name, m in ctx.targets.items()}
+                shapes = {name: weight_shape(m) for name, m in ctx.targets.items()}
                 try:
                     scores = load(path, key_json, shapes)
                     info["cache"] = "hit"

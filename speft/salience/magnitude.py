@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from speft.models.quantization import dense_weight
 from speft.registry import register
 from speft.salience.base import MetricConfig, SalienceMetric, ScoreContext
 
@@ -22,5 +23,5 @@ class Magnitude(SalienceMetric):
 
     def score(self, ctx: ScoreContext) -> dict[str, torch.Tensor]:
         device = "cpu" if self.cfg.offload else None
-        return {name: m.weight.detach().to(device=device, dtype=torch.float32).abs()
+        return {name: dense_weight(m).detach().to(device=device, dtype=torch.float32).abs()
                 for name, m in ctx.targets.items()}

@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from speft.models.quantization import weight_shape
 from speft.registry import register
 from speft.salience.base import MetricConfig, SalienceMetric, ScoreContext
 
@@ -29,5 +30,5 @@ class Random(SalienceMetric):
     def score(self, ctx: ScoreContext) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(ctx.seed if self.cfg.seed is None else self.cfg.seed)
         device = "cpu" if self.cfg.offload else None
-        return {name: torch.rand(m.weight.shape, generator=g, dtype=torch.float32).to(device or m.weight.device)
+        return {name: torch.rand(weight_shape(m), generator=g, dtype=torch.float32).to(device or m.weight.device)
                 for name, m in ctx.targets.items()}

@@ -15,6 +15,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import speft
+from speft.models.loading import dequantised
+from speft.models.quantization import dense_weight, quantized_layers, weight_shape
 from speft.sparse.layer import SparseDeltaLinear, inject, sparse_layers
 
 WEIGHTS = "adapter.safetensors"
@@ -38,7 +40,7 @@ def save_adapter(model: nn.Module, folder: str | Path, **info) -> Path:
         "format": "speft-sparse-delta",
         "speft_version": speft.__version__,
         "scaling": scalings.pop() if len(scalings) == 1 else {n: m.scaling for n, m in layers.items()},
-        "modules": {n: list(m.weight.shape) for n, m in layers.items()},
+        "modules": {n: list(m.shape) for n, m in layers.items()},
         "entries": sum(t.numel() for n, t in tensors.items() if n.endswith(".values")),
         **info,
     }
@@ -61,7 +63,7 @@ def load_adapter(model: nn.Module, folder: str | Path) -> dict[str, SparseDeltaL
             module = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"adapter module '{name}' does not exist in the model") from None
-        if not isinstance(module, nn.Linear) or list(module.weight.shape) != shape:
+        if not isinstance(module, nn.Linear) or list(weight_shape(module)) != shape:
             raise ValueError(f"adapter module '{name}' expects a Linear of shape {shape}, found {module}")
     scaling = config["scaling"]
     layers = {}
@@ -74,18 +76,46 @@ def load_adapter(model: nn.Module, folder: str | Path) -> dict[str, SparseDeltaL
 
 
 def unload(model: nn.Module, merge: bool) -> nn.Module:
-    """Replace every sparse layer by its plain ``nn.Linear``: W0 + αΔ when ``merge``, else W0 exactly."""
+    """Replace every sparse layer by its base layer: W0 + αΔ when ``merge``, else W0 exactly. On a quantized base
+    the merged layer is a plain ``nn.Linear`` holding de-quantized W0 + αΔ in the compute dtype (the delta does not
+    fit a 4-bit weight); unmerged, the quantized layer itself."""
     for name, layer in sparse_layers(model).items():
-        if merge:
-            layer.sync()
+        if layer.quantized:
+            base = plain_linear(layer.base, layer) if merge else layer.base
         else:
-            layer.unmerge()
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer.base)
+            layer.sync() if merge else layer.unmerge()
+            base = layer.base
+        _replace(model, name, base)
     return model
 
 
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+@torch.no_grad()
+def plain_linear(base: nn.Module, delta: SparseDeltaLinear | None = None) -> nn.Linear:
+    """A plain ``nn.Linear`` with the de-quantized weight of ``base`` (+ α·Δ of ``delta``) and its bias, in the
+    compute dtype (bitsandbytes de-quantizes in fp32 here; transformers' ``dequantize`` goes through bf16)."""
+    w = dense_weight(base).clone()
+    if delta is not None:
+        w.view(-1)[delta.indices.long()] += (delta.scaling * delta.values.detach()).to(w.dtype)
+    bias = base.bias
+    out = nn.Linear(base.in_features, base.out_features, bias=bias is not None, device=w.device, dtype=w.dtype)
+    out.weight.copy_(w)
+    if bias is not None:
+        out.bias.copy_(bias)
+    return out.requires_grad_(False)
+
+
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """A plain model whose weights hold W0 + αΔ (save it with ``save_pretrained``)."""
-    return unload(model, merge=True)
+    """A plain model whose weights hold W0 + αΔ (save it with ``save_pretrained``); on a quantized base every other
+    quantized layer is de-quantized too, so the checkpoint is a plain float one."""
+    unload(model, merge=True)
+    quantized = quantized_layers(model)
+    for name in quantized:
+        _replace(model, name, plain_linear(model.get_submodule(name)))
+    if quantized:
+        dequantised(model)  # no quantizer left: save_pretrained writes a plain checkpoint
+    return model

@@ -15,6 +15,11 @@ Per layer the cheapest of these structures and the plain dense product is chosen
 selected entry pays nothing for a weight gradient. The base weight never gets a ``.grad``, unless it
 asks for one (salience scoring during training), when the dense gradient is formed and the values
 read from it.
+
+On a quantized base (bitsandbytes NF4/int8, ``model.quantization``) the delta cannot be merged: each forward
+de-quantizes the weight, scatters α·Δ into that copy and forms one product (again in backward for the input's
+gradient; nothing dense is kept between them), or for a single token on CUDA adds the delta from its entries
+alone beside bitsandbytes' own 4-bit kernel. The values' gradient uses the same plans.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from speft.models.quantization import dense_weight, is_quantized, weight_shape
+
 VALUES_GROUP = "sparse"  # the optimizer parameter group holding every layer's values (masks find it by this name)
 BAND = 64  # rows (or columns) per band of the banded structures; measured on SmolLM2-135M gradient masks
 GATHER_COST = 16  # one gathered row/column of G or X costs about this many block entries (memory-bound copy)
@@ -35,6 +42,10 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta 
 # Per device type: one entry of the sampled product (a dot product over the tokens) costs about this many
 # dense-product entries; devices without a measured figure do not use it (CUDA: not measured yet).
 SAMPLED_COST = {"cpu": 6.0}
+# A quantized base on these device types reads its 4-bit weight without de-quantizing it for inputs of at most
+# this many tokens (bitsandbytes' fused inference kernel, decoding), so the sparse delta is added from its entries
+# alone there; otherwise the weight is de-quantized once and the delta scattered into it (one product, not two).
+SPARSE_PRODUCT_TOKENS = {"cuda": 1}
 # Device types whose structure costs (BAND, GATHER_COST, BLOCK_COST) were measured: CPU. Elsewhere (CUDA until
 # the GPU check measures them) the values' gradient comes from one dense product: thousands of small block
 # kernels per micro-batch would likely cost more than one GEMM, and building them syncs the device.
@@ -266,6 +277,54 @@ class _SparseDelta(torch.autograd.Function):
         return grad_x, grad_values, None, None, None
 
 
+class _QuantizedDeltaLinear(torch.autograd.Function):
+    """F.linear over dequantize(W0) + α·scatter(values) for a quantized base: the delta cannot be merged into a
+    4-bit or int8 weight. The dense weight is formed in forward and again in backward (for the input's gradient),
+    never kept between them, so the quantized model's memory stays quantized; the values' gradient comes from the
+    plan's blocks, as in :class:`_SparseDeltaLinear`."""
+
+    @staticmethod
+    def forward(ctx, x, values, base, plan, scaling):
+        ctx.save_for_backward(x if (values.requires_grad and plan.active) else None, values)
+        ctx.base, ctx.plan, ctx.scaling = base, plan, scaling
+        return F.linear(x, _with_delta(base, values, plan.idx, scaling, x.dtype), base.bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, values = ctx.saved_tensors
+        plan = ctx.plan
+        grad_x = grad_values = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ _with_delta(ctx.base, values, plan.idx, ctx.scaling, grad_out.dtype)
+        if ctx.needs_input_grad[1]:
+            if plan.active:
+                g2 = grad_out.reshape(-1, grad_out.shape[-1])
+                grad_values = plan.values_grad(g2, x.reshape(-1, x.shape[-1])).float().mul_(ctx.scaling)
+            else:
+                grad_values = torch.zeros(0, dtype=torch.float32, device=grad_out.device)
+        return grad_x, grad_values, None, None, None
+
+
+def _with_delta(base: nn.Module, values, indices, scaling, dtype) -> torch.Tensor:
+    """dequantize(W0) + α·scatter(values), dense, in ``dtype`` (a fresh tensor: the quantized weight is untouched)."""
+    w = dense_weight(base).to(dtype)
+    w.view(-1)[indices] += (scaling * values.detach()).to(dtype)
+    return w
+
+
+def sparse_product(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, shape: tuple[int, int],
+                   scaling: float) -> torch.Tensor:
+    """x @ (α·scatter(values))ᵀ from the selected entries alone: tokens × entries products gathered into their
+    output features (autograd gives the values' gradient). For a token or two (decoding) this costs far less than
+    forming the dense (out, in) delta."""
+    wide = indices.to(torch.int64)
+    rows, cols = torch.div(wide, shape[1], rounding_mode="floor"), wide % shape[1]
+    x2 = x.reshape(-1, x.shape[-1])
+    contrib = x2.index_select(1, cols) * (scaling * values).to(x.dtype)
+    out = x2.new_zeros(x2.shape[0], shape[0]).index_add(1, rows, contrib)
+    return out.view(*x.shape[:-1], shape[0])
+
+
 def _dense(values, indices, shape, scaling, dtype) -> torch.Tensor:
     d = torch.zeros(shape[0] * shape[1], dtype=dtype, device=values.device)
     d[indices] = (scaling * values).to(dtype)  # indexing takes int32 indices (index_copy_ wants int64)
@@ -285,10 +344,13 @@ class SparseDeltaLinear(nn.Module):
         # cannot stay merged while training, so it takes a separate (slower) path.
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.base = base
+        # A quantized (bitsandbytes) base cannot hold the delta merged: it is added beside it in every forward.
+        self.quantized = is_quantized(base)
+        self.shape = weight_shape(base)
         self.base.weight.requires_grad_(False)
         if self.base.bias is not None:
             self.base.bias.requires_grad_(False)
-        weight = base.weight
+        weight = dense_weight(base)
         idx = torch.sort(indices.reshape(-1).to(torch.int64)).values
         if idx.numel() and (idx[0] < 0 or idx[-1] >= weight.numel()):
             raise ValueError("sparse indices outside the weight")
@@ -324,14 +386,15 @@ class SparseDeltaLinear(nn.Module):
         key = (self.indices.data_ptr(), self.indices._version, self.indices.device)
         if self._plan_key != key:
             with torch.no_grad():
-                self._plan_cache = build_plan(self.indices, tuple(self.base.weight.shape))
+                self._plan_cache = build_plan(self.indices, self.shape)
             self._plan_key = key
         return self._plan_cache
 
     @torch.no_grad()
     def sync(self) -> None:
-        """Write W0 + α·values into the merged weight entries (after the values changed)."""
-        if self._synced == self.values._version:
+        """Write W0 + α·values into the merged weight entries (after the values changed); a quantized base keeps
+        the delta apart."""
+        if self.quantized or self._synced == self.values._version:
             return
         merged = self.base_values.float() + self.scaling * self.values
         self.base.weight.view(-1)[self.indices] = merged.to(self.base.weight.dtype)
@@ -340,6 +403,8 @@ class SparseDeltaLinear(nn.Module):
     @torch.no_grad()
     def unmerge(self) -> None:
         """Restore the pretrained weight exactly (also after reselections merged earlier deltas)."""
+        if self.quantized:
+            return
         w = self.base.weight.view(-1)
         w[self.indices] = self.base_values
         if self._origin is not None:
@@ -353,6 +418,9 @@ class SparseDeltaLinear(nn.Module):
         The pretrained values of every entry ever selected are kept, so :meth:`unmerge` and
         :meth:`export` still refer to the original weight. Returns the new ``values`` parameter.
         """
+        if self.quantized:
+            raise ValueError("a quantized base cannot take a merged delta: re-selection (mask=reselect) needs "
+                             "model.quantization=none")
         self.sync()
         w = self.base.weight.view(-1)
         old = self.indices.long()
@@ -373,9 +441,10 @@ class SparseDeltaLinear(nn.Module):
 
         Entries in other slots keep their values (and, in the optimizer, their moments).
         """
-        w = self.base.weight.view(-1)
+        w = dense_weight(self.base).view(-1)
         slots = slots.to(device=w.device, dtype=torch.int64)
-        w.index_copy_(0, self.indices.long()[slots], self.base_values[slots])
+        if not self.quantized:  # the merged entries return to W0 (a quantized weight never held them)
+            w.index_copy_(0, self.indices.long()[slots], self.base_values[slots])
         new = indices.to(device=w.device, dtype=torch.int64)
         self.indices[slots] = new.to(self.indices.dtype)
         self.base_values[slots] = w[new]
@@ -393,16 +462,18 @@ class SparseDeltaLinear(nn.Module):
         return {"indices": self.indices.clone(), "values": self.values.detach().clone(),
                 "base_values": self.base_values.clone(), "origin": self._origin, "synced": synced,
                 # entries touched: the current ones (not stored again) or, after a reselect, all ever selected
-                "touched": None if self._origin is None else touched.to(index_dtype(self.base.weight.numel())),
-                "weight_touched": self.base.weight.view(-1)[touched].clone()}
+                "touched": None if self._origin is None else touched.to(index_dtype(self.base_values.numel())),
+                # a quantized weight never changes: nothing of it to store
+                "weight_touched": None if self.quantized else self.base.weight.view(-1)[touched].clone()}
 
     @torch.no_grad()
     def load_checkpoint_state(self, state: dict) -> nn.Parameter:
         """Restore :meth:`checkpoint_state`; returns the new ``values`` parameter (swap it into the optimizer)."""
-        w = self.base.weight.view(-1)
-        dev = w.device
-        touched = state["indices"] if state["touched"] is None else state["touched"]
-        w.index_copy_(0, touched.to(dev, torch.int64), state["weight_touched"].to(dev, w.dtype))
+        dev = self.indices.device
+        if state["weight_touched"] is not None:
+            w = self.base.weight.view(-1)
+            touched = state["indices"] if state["touched"] is None else state["touched"]
+            w.index_copy_(0, touched.to(dev, torch.int64), state["weight_touched"].to(dev, w.dtype))
         self.indices = state["indices"].to(dev)
         self.base_values = state["base_values"].to(dev)
         origin = state["origin"]
@@ -426,17 +497,21 @@ class SparseDeltaLinear(nn.Module):
 
     def delta(self) -> torch.Tensor:
         """Dense α·Δ (for tests and analysis)."""
-        d = torch.zeros(self.base.weight.numel(), dtype=torch.float32, device=self.values.device)
+        d = torch.zeros(self.shape[0] * self.shape[1], dtype=torch.float32, device=self.values.device)
         d[self.indices.long()] = self.scaling * self.values.detach()
-        return d.view_as(self.base.weight)
+        return d.view(self.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and isinstance(self.dropout, nn.Dropout):
             if self._synced is not None:
                 self.unmerge()
-            delta = _SparseDelta.apply(self.dropout(x), self.values, self.plan,
-                                       tuple(self.base.weight.shape), self.scaling)
+            delta = _SparseDelta.apply(self.dropout(x), self.values, self.plan, self.shape, self.scaling)
             return self.base(x) + delta
+        if self.quantized:
+            tokens = x.numel() // x.shape[-1]
+            if tokens <= SPARSE_PRODUCT_TOKENS.get(x.device.type, 0):
+                return self.base(x) + sparse_product(x, self.values, self.indices, self.shape, self.scaling)
+            return _QuantizedDeltaLinear.apply(x, self.values, self.base, self.plan, self.scaling)
         self.sync()
         w = self.base.weight
         return _SparseDeltaLinear.apply(x, self.values, w, self.base.bias, self.plan, self.scaling)

@@ -1,0 +1,114 @@
+"""A quantized frozen base (``model.quantization``): bitsandbytes NF4 or int8 linear layers, as QLoRA.
+
+The checkpoint is quantized while it loads (transformers' ``BitsAndBytesConfig``: shard by shard, so a 7B
+model never sits in memory unquantized); every linear layer but the task head and the output embedding
+becomes a ``bnb.nn.Linear4bit`` (NF4, double-quantized absmax, computing in ``model.dtype``) or a
+``bnb.nn.Linear8bitLt``. Embeddings, norms and the head keep ``model.dtype``. bitsandbytes 0.50 runs both
+forward and backward on CPU, so everything here is tested without a GPU.
+
+What trains on it: the sparse delta stays unmerged beside the quantized weight
+(:class:`speft.sparse.layer.SparseDeltaLinear`), salience gradients come from each layer's input and
+output gradient (:func:`speft.salience.base.target_gradients`), and the LoRA family goes through PEFT's
+k-bit preparation.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from torch import nn
+
+from speft.registry import ConfigError
+
+QUANTIZATIONS = ("none", "nf4", "int8")
+BNB_PIN = "bitsandbytes==0.50.2"
+NF4_BLOCK = 64  # weights per absmax (bitsandbytes' 4-bit blocksize)
+DOUBLE_QUANT_BLOCK = 256  # absmax per second-level fp32 constant (double quantization: absmax in 8 bits)
+
+
+def require_bitsandbytes(quantization: str) -> None:
+    """Pre-flight: a quantized base needs bitsandbytes (checked without importing it)."""
+    if quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"model.quantization={quantization} needs bitsandbytes, which is not installed: "
+                          f"pip install {BNB_PIN} (or pip install -e '.[quant]'), or set model.quantization=none")
+
+
+def bnb_config(quantization: str, dtype: torch.dtype, skip: tuple[str, ...]):
+    """transformers' quantization config for ``quantization`` (None for "none"); ``skip``: modules kept unquantized
+    (the task head, the output embedding)."""
+    if quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "nf4":  # QLoRA's recipe: NF4, double-quantized constants, compute in the model's dtype
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=list(skip))
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(skip))
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """A bitsandbytes linear layer (its weight packed: 4-bit or int8 with per-row scales)."""
+    return type(getattr(module, "weight", None)).__name__ in ("Params4bit", "Int8Params")
+
+
+def weight_shape(module: nn.Module) -> tuple[int, int]:
+    """(out, in) of a linear layer, quantized or not (a packed 4-bit weight's own shape is (n/2, 1))."""
+    return module.out_features, module.in_features
+
+
+def weight_numel(module: nn.Module) -> int:
+    out_f, in_f = weight_shape(module)
+    return out_f * in_f
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The layer's weight as a dense (out, in) tensor: de-quantized (in the compute dtype) for a bitsandbytes
+    layer, else the weight itself."""
+    if not is_quantized(module):
+        return module.weight
+    from peft.utils.integrations import dequantize_module_weight
+
+    weight = module.weight
+    if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+        # bitsandbytes repacks a 4-bit weight for its bf16 CPU kernel at the first no-grad eval forward (CPUs with
+        # AVX512-BF16); de-quantizing needs the standard layout back, as its own state-dict saving does
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+    w = dequantize_module_weight(module)
+    dtype = getattr(module, "compute_dtype", None) or w.dtype
+    return w.to(dtype)
+
+
+@torch.no_grad()
+def release_checkpoint(model: nn.Module) -> None:
+    """On the host: copy the parameters left in float (embeddings, norms, head) out of the checkpoint's memory map.
+    transformers maps the safetensors file and quantizes from it, touching every page; as long as one loaded tensor
+    still views the map, all those pages stay resident (on SmolLM2-135M: 520 MB beside a 160 MB model)."""
+    for module in model.modules():
+        if not is_quantized(module):
+            for p in module.parameters(recurse=False):
+                p.data = p.data.clone()
+
+
+def quantized_layers(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if is_quantized(m)]
+
+
+def check_quantized(model: nn.Module, quantization: str, source: str) -> None:
+    """After loading: a quantized base must have quantized linear layers (a model without any is refused)."""
+    if quantization != "none" and not quantized_layers(model):
+        raise ConfigError(f"model.quantization={quantization}: {source} has no linear layer to quantize "
+                          f"(set model.quantization=none)")
+
+
+def bytes_per_weight(quantization: str, dtype_bytes: int, in_features: int) -> float:
+    """Memory per entry of a quantized linear weight: NF4 packs two per byte plus one 8-bit absmax per block of
+    :data:`NF4_BLOCK` (and an fp32 per :data:`DOUBLE_QUANT_BLOCK` of those); int8 one byte plus an fp32 scale
+    per row."""
+    if quantization == "nf4":
+        return 0.5 + 1 / NF4_BLOCK + 4 / (NF4_BLOCK * DOUBLE_QUANT_BLOCK)
+    if quantization == "int8":
+        return 1 + 4 / in_features
+    return dtype_bytes
