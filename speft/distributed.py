@@ -10,6 +10,11 @@ before, with no process group.
 Backend: NCCL when the run's device is CUDA (each process uses ``cuda:<LOCAL_RANK>``), gloo on CPU.
 A collective that waits longer than ``timeout_min`` (a rank that died or hangs) raises on the others,
 and so does gloo as soon as a peer's connection closes: the run then records ``failed``, never a result.
+With NCCL, what lives on the host goes through a second, gloo group (:attr:`Dist.host_group`): the per-step
+checkpoint/stop flags, pickled objects (configs, digests, the loop state of checkpoints) and the other ranks'
+wait while rank 0 evaluates. Nothing is copied to the GPU and back for them, no CUDA tensor is pickled, a dead
+rank is noticed at the next step's flags (its connection closes) with a ``failed`` result rather than by
+NCCL's watchdog killing the process, and a long evaluation does not sit in an NCCL collective.
 
 Batch semantics (see README "Multi-process runs"): every optimizer step sees the same examples as a
 single process, ``trainer.batch_size × trainer.grad_accum_steps`` of the same seeded order, and each
@@ -28,6 +33,7 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 
@@ -50,6 +56,7 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     backend: str | None = None  # None: a single process, every collective is a no-op
+    host_group: Any = None  # gloo group for host data when the backend is NCCL; None: the default group
 
     @property
     def enabled(self) -> bool:
@@ -67,13 +74,13 @@ class Dist:
 
     def barrier(self) -> None:
         if self.enabled:
-            torch.distributed.barrier()
+            torch.distributed.barrier(group=self.host_group)
 
     def all_gather_object(self, obj):
         if not self.enabled:
             return [obj]
         out = [None] * self.world
-        torch.distributed.all_gather_object(out, obj)
+        torch.distributed.all_gather_object(out, obj, group=self.host_group)
         return out
 
     def broadcast_object(self, obj, src: int = 0):
@@ -81,13 +88,15 @@ class Dist:
         if not self.enabled:
             return obj
         box = [obj]
-        torch.distributed.broadcast_object_list(box, src=src)
+        torch.distributed.broadcast_object_list(box, src=src, group=self.host_group)
         return box[0]
 
-    def all_reduce_(self, tensors: Iterable[torch.Tensor], op: str = "sum") -> None:
+    def all_reduce_(self, tensors: Iterable[torch.Tensor], op: str = "sum", host: bool = False) -> None:
         """Reduce ``tensors`` in place over the ranks (``sum``, ``min`` or ``max``), flattened into
         buffers of one dtype and device of at most :data:`BUCKET_ENTRIES` entries (one collective each;
-        a larger tensor goes alone)."""
+        a larger tensor goes alone). ``host``: small host data (flags) through :attr:`host_group`, never via the
+        GPU; other host tensors (offloaded score buffers) are reduced on the GPU bucket by bucket under NCCL, far
+        faster than gloo for gigabytes."""
         if not self.enabled:
             return
         reduce_op = {"sum": torch.distributed.ReduceOp.SUM, "min": torch.distributed.ReduceOp.MIN,
@@ -104,9 +113,9 @@ class Dist:
             sizes[key] = sizes.get(key, 0) + t.numel()
         for ts in (bucket for buckets in groups.values() for bucket in buckets):
             flat = torch.cat([t.reshape(-1) for t in ts])
-            if self.backend == "nccl" and flat.device.type != "cuda":
+            if not host and self.backend == "nccl" and flat.device.type != "cuda":
                 flat = flat.cuda(self.local_rank)
-            torch.distributed.all_reduce(flat, op=reduce_op)
+            torch.distributed.all_reduce(flat, op=reduce_op, group=self.host_group if host else None)
             offset = 0
             for t in ts:
                 t.copy_(flat[offset : offset + t.numel()].view_as(t))
@@ -140,6 +149,10 @@ class Dist:
 
 SINGLE = Dist()
 DEFAULT_TIMEOUT_MIN = 60.0  # rank 0 evaluates alone while the others wait: long enough for a GSM8K evaluation
+# With NCCL the host group waits this long at least (rank 0's evaluation of a 7B model on generation tasks can take
+# hours); a dead rank still shows at once (gloo raises when its connection closes), a hung one at the next NCCL
+# collective under timeout_min.
+HOST_TIMEOUT_MIN = 24 * 60.0
 _current: Dist = SINGLE
 
 
@@ -178,7 +191,11 @@ def init(device: torch.device, timeout_min: float | None = None) -> Dist:
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
         torch.distributed.init_process_group(backend, timeout=timedelta(minutes=timeout_min))
-    _current = Dist(rank=rank, world=world, local_rank=local_rank, backend=backend)
+    host_group = None
+    if backend != "gloo":  # every rank creates it, in the same order
+        host_group = torch.distributed.new_group(backend="gloo",
+                                                 timeout=timedelta(minutes=max(timeout_min, HOST_TIMEOUT_MIN)))
+    _current = Dist(rank=rank, world=world, local_rank=local_rank, backend=backend, host_group=host_group)
     if rank != 0:  # one log: the other ranks report warnings and errors only
         logging.getLogger().setLevel(logging.WARNING)
     log.info("data-parallel run: %d processes (%s)", world, backend)

@@ -386,3 +386,28 @@ def test_two_processes_resume_bit_for_bit(case, tmp_path, monkeypatch):
         [{k: v for k, v in u.items() if k != "seconds"} for u in a["mask_updates"]]
     x, y = ((tmp_path / d / "adapter" / "adapter.safetensors").read_bytes() for d in ("reference", "run"))
     assert x == y
+
+
+def test_under_nccl_host_data_takes_the_gloo_group_and_device_data_the_default_one(monkeypatch):
+    """No NCCL here: the collectives are recorded, not run. Flags, objects and the wait for rank 0's evaluation go
+    through the host (gloo) group with no copy to the GPU; gradients and score buffers through the default group."""
+    from speft.train.loop import Checkpointing
+
+    calls = []
+    fake = torch.distributed
+    monkeypatch.setattr(fake, "all_reduce", lambda t, op=None, group=None: calls.append(("reduce", t.device.type,
+                                                                                          group)))
+    monkeypatch.setattr(fake, "all_gather_object", lambda out, obj, group=None: calls.append(("gather", group)))
+    monkeypatch.setattr(fake, "broadcast_object_list", lambda box, src=0, group=None: calls.append(("bcast", group)))
+    monkeypatch.setattr(fake, "barrier", lambda group=None: calls.append(("barrier", group)))
+    host = object()
+    dist = Dist(rank=0, world=2, backend="nccl", host_group=host)
+    Checkpointing(save=lambda *a: None).decide(True, dist)  # the per-step flags
+    dist.all_gather_object("digest")
+    dist.broadcast_object(("ok", {"accuracy": 1.0}))  # rank 0's evaluation, the others waiting
+    dist.barrier()
+    assert calls == [("reduce", "cpu", host), ("gather", host), ("bcast", host), ("barrier", host)]
+    calls.clear()
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda t, device=None: calls.append(("to GPU", device)) or t.clone())
+    dist.all_reduce_([torch.ones(3)])  # e.g. offloaded score buffers: reduced on the GPU under NCCL
+    assert calls == [("to GPU", 0), ("reduce", "cpu", None)]

@@ -71,7 +71,7 @@ class Checkpointing:
         if not dist.enabled:
             return due, signum
         flags = torch.tensor([int(due), signum or 0], dtype=torch.int64)
-        dist.all_reduce_([flags], op="max")
+        dist.all_reduce_([flags], op="max", host=True)  # host data: the gloo group under NCCL
         return bool(flags[0]), int(flags[1]) or None
 
 
