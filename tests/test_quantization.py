@@ -12,7 +12,7 @@ from speft.models.loading import find_targets, load_model
 from speft.models.quantization import dense_weight, is_quantized, quantized_layers
 from speft.pipeline import preflight, run
 from speft.registry import ConfigError
-from speft.salience.base import ScoreContext, mean_gradient
+from speft.salience.base import ScoreContext
 from speft.sparse import layer as sparse_layer
 from speft.sparse.io import load_adapter, merge_and_unload, save_adapter
 from speft.sparse.layer import SparseDeltaLinear, sparse_layers
@@ -121,33 +121,50 @@ def batches(n: int = 8, length: int = 12, seed: int = 0):
                          for i in range(0, n, 4)])
 
 
-def grad_scores(model):
+def scores(name: str, model) -> dict[str, torch.Tensor]:
+    entry = registry.get("metric", name)
+    metric = entry.obj(entry.schema())
     targets = find_targets(model, "bert", "attention", None)
-    return mean_gradient(ScoreContext(model, targets, batches(), 8, 0))
+    return metric.compute(ScoreContext(model, targets, batches(), 8, 0))
 
 
-def test_salience_on_a_quantized_base_is_the_gradient_of_the_dequantized_weight():
+@pytest.fixture(scope="module")
+def bases():
+    """An NF4 MiniLM, its twin with the same de-quantized weights in plain float layers, and the fp32 MiniLM,
+    all with the same head."""
     quantized = minilm("nf4")
-    assert len(quantized_layers(quantized)) == 6 * 6 + 1  # q, k, v, o, intermediate, output per layer; the pooler
-    assert not is_quantized(quantized.classifier)  # the task head keeps the model's dtype
-    dequantized = minilm("nf4")
-    torch.manual_seed(0)
-    dequantized.classifier.load_state_dict(quantized.classifier.state_dict())
-    dequantized.dequantize()
-    assert not quantized_layers(dequantized)
-    got, want = grad_scores(quantized), grad_scores(dequantized)
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-6)
-    assert all(p.grad is None for p in quantized.parameters())
-    # Against the unquantized model: the top 1 % of |g| overlap (reported; NF4 moves the scores a little)
+    twin = merge_and_unload(minilm("nf4"))
     plain = minilm("none")
-    plain.classifier.load_state_dict(quantized.classifier.state_dict())
-    ref = grad_scores(plain)
-    a, b = (torch.cat([s[n].abs().reshape(-1) for n in sorted(s)]) for s in (got, ref))
-    k = a.numel() // 100
-    overlap = len(set(a.topk(k).indices.tolist()) & set(b.topk(k).indices.tolist())) / k
-    print(f"top-1% overlap of grad scores, nf4 vs fp32 MiniLM: {overlap:.3f}")
-    assert overlap > 0.5  # far above the 0.01 of unrelated scores
+    for m in (twin, plain):
+        m.classifier.load_state_dict(quantized.classifier.state_dict())
+    return quantized, twin, plain
+
+
+def test_a_quantized_base_keeps_its_head_and_embeddings_in_float(bases):
+    quantized, twin, _ = bases
+    assert len(quantized_layers(quantized)) == 6 * 6 + 1  # q, k, v, o, intermediate, output per layer; the pooler
+    assert not is_quantized(quantized.classifier) and not quantized_layers(twin)
+
+
+@pytest.mark.parametrize("name", registry.names("metric"))
+def test_every_metric_scores_a_quantized_base_as_its_dequantized_weights(name, bases):
+    quantized, twin, plain = bases
+    if registry.get("metric", name).obj.quantized_refusal is not None:
+        pytest.skip(f"metric={name} is refused on a quantized base")
+    layer = quantized.bert.encoder.layer[0].attention.self.query
+    got, want = scores(name, quantized), scores(name, twin)
+    for module in want:
+        torch.testing.assert_close(got[module], want[module], rtol=1e-3, atol=1e-7)
+    # the model is as it was: quantized layers back in place, no gradient left
+    assert quantized.bert.encoder.layer[0].attention.self.query is layer and is_quantized(layer)
+    assert all(p.grad is None for p in quantized.parameters())
+    if name == "grad":  # against the fp32 model: the top 1 % of |g| overlap (reported; NF4 moves the weights)
+        ref = scores(name, plain)
+        a, b = (torch.cat([s[n].abs().reshape(-1) for n in sorted(s)]) for s in (got, ref))
+        k = a.numel() // 100
+        overlap = len(set(a.topk(k).indices.tolist()) & set(b.topk(k).indices.tolist())) / k
+        print(f"top-1% overlap of grad scores, nf4 vs fp32 MiniLM: {overlap:.3f}")
+        assert overlap > 0.5  # far above the 0.01 of unrelated scores
 
 
 @pytest.fixture(scope="module")
@@ -216,9 +233,8 @@ def test_components_that_cannot_run_on_a_quantized_base_are_refused_before_loadi
         preflight(compose_cfg(*overrides), tmp_path)
 
 
-def test_the_refusals_cover_full_pissa_synflow_grasp_and_reselect():
-    assert {("method", "full"), ("method", "pissa"), ("metric", "synflow"), ("metric", "grasp"),
-            ("mask", "reselect"), ("mask", "dynamic")} <= set(refusals())
+def test_the_refusals_are_full_pissa_and_the_merging_masks():
+    assert set(refusals()) == {("method", "full"), ("method", "pissa"), ("mask", "reselect"), ("mask", "dynamic")}
 
 
 def test_a_missing_bitsandbytes_or_an_unknown_quantization_is_a_config_error(monkeypatch, tmp_path):

@@ -15,6 +15,8 @@ k-bit preparation.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -90,6 +92,52 @@ def release_checkpoint(model: nn.Module) -> None:
         if not is_quantized(module):
             for p in module.parameters(recurse=False):
                 p.data = p.data.clone()
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+@torch.no_grad()
+def plain_linear(base: nn.Module, delta: nn.Module | None = None) -> nn.Linear:
+    """A plain ``nn.Linear`` with the de-quantized weight of ``base`` (plus α·Δ of a sparse layer ``delta``) and its
+    bias, in the compute dtype (bitsandbytes de-quantizes in fp32 here; transformers' ``dequantize`` goes through
+    bf16)."""
+    w = dense_weight(base).clone()
+    if delta is not None:
+        w.view(-1)[delta.indices.long()] += (delta.scaling * delta.values.detach()).to(w.dtype)
+    bias = base.bias
+    out = nn.Linear(base.in_features, base.out_features, bias=bias is not None, device=w.device, dtype=w.dtype)
+    out.weight.copy_(w)
+    if bias is not None:
+        out.bias.copy_(bias)
+    return out.requires_grad_(False)
+
+
+@contextmanager
+def float_weights(model: nn.Module, targets: dict[str, nn.Module]) -> Iterator[dict[str, nn.Module]]:
+    """Inside: every quantized linear layer of ``model`` is a plain ``nn.Linear`` holding its de-quantized weight
+    (a sparse layer on a quantized base: W0 + α·Δ), for the metrics that need float weights (SynFlow replaces them
+    by their absolute values, GraSP differentiates them twice). Yields ``targets`` as the swapped modules; the
+    quantized ones are put back after. Costs the float model's memory while inside."""
+    from speft.sparse.layer import SparseDeltaLinear
+
+    swapped: dict[str, nn.Module] = {}
+    for name, m in list(model.named_modules()):
+        if any(name.startswith(done + ".") for done in swapped):
+            continue  # the quantized base inside a swapped sparse layer
+        if isinstance(m, SparseDeltaLinear) and m.quantized:
+            swapped[name] = m
+            replace_module(model, name, plain_linear(m.base, m))
+        elif is_quantized(m):
+            swapped[name] = m
+            replace_module(model, name, plain_linear(m))
+    try:
+        yield {n: model.get_submodule(n) if n in swapped else m for n, m in targets.items()}
+    finally:
+        for name, m in swapped.items():
+            replace_module(model, name, m)
 
 
 def quantized_layers(model: nn.Module) -> list[str]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Optional
 
@@ -23,7 +23,7 @@ from omegaconf import MISSING
 from torch import nn
 
 from speft.config import check_positive
-from speft.models.quantization import dense_weight, is_quantized, weight_shape
+from speft.models.quantization import dense_weight, float_weights, is_quantized, weight_shape
 
 
 @dataclass
@@ -58,12 +58,21 @@ class SalienceMetric:
     sample_factor = 1  # scoring examples drawn per `num_score_examples` (GraSP: 2, one half for g, one for H)
     data_free = False  # True when the scores do not depend on the examples (SynFlow)
     quantized_refusal: Optional[str] = None  # why the metric cannot score a quantized base (None: it can)
+    needs_float_weights = False  # True: scores a quantized base on its de-quantized weights (SynFlow, GraSP)
 
     def __init__(self, cfg: MetricConfig) -> None:
         self.cfg = cfg
 
     def score(self, ctx: ScoreContext) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def compute(self, ctx: ScoreContext) -> dict[str, torch.Tensor]:
+        """:meth:`score`, on de-quantized float layers for a metric that needs float weights on a quantized base
+        (:func:`speft.models.quantization.float_weights`; nothing changes on a float base)."""
+        if not self.needs_float_weights:
+            return self.score(ctx)
+        with float_weights(ctx.model, ctx.targets) as targets:
+            return self.score(replace(ctx, targets=targets))
 
     def examples_used(self, ctx: ScoreContext) -> int:
         return 0 if self.data_free else ctx.num_examples

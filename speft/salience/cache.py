@@ -163,7 +163,7 @@ def compute_scores(metric: SalienceMetric, ctx: ScoreContext, cache_dir: Path | 
             if not hit.item():
                 scores, info["cache"] = None, "miss"
         if scores is None:
-            scores = metric.score(ctx)
+            scores = metric.compute(ctx)
             if path is not None:
                 if dist.is_main:
                     save(path, scores, key_json)

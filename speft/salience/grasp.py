@@ -55,8 +55,7 @@ REDUCTIONS = ("example", "batch")
 @register("metric", "grasp", schema=GraspConfig)
 class Grasp(SalienceMetric):
     sample_factor = 2
-    quantized_refusal = ("its Hessian-vector product differentiates the weights twice, and 4-/8-bit weights are "
-                         "not differentiable")
+    needs_float_weights = True  # a quantized base: the Hessian-vector product differentiates the weights twice
 
     def score(self, ctx: ScoreContext) -> dict[str, torch.Tensor]:
         model, targets, temp = ctx.model, ctx.targets, self.cfg.temperature

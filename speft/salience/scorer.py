@@ -107,4 +107,4 @@ class Scorer:
         first sample), at most the whole split; never cached."""
         n = min(n or len(self.sample), len(self.rows))
         rows = [next(self._stream) for _ in range(n)]
-        return self.metric.score(self.context(model, targets, rows))
+        return self.metric.compute(self.context(model, targets, rows))

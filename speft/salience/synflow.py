@@ -156,7 +156,7 @@ def takes_inputs_embeds(model: nn.Module) -> bool:
 @register("metric", "synflow", schema=SynflowConfig)
 class Synflow(SalienceMetric):
     data_free = True
-    quantized_refusal = "it replaces every weight by its absolute value in place, which 4-/8-bit weights cannot take"
+    needs_float_weights = True  # a quantized base: every weight replaced by its absolute value, so de-quantized
 
     def score(self, ctx: ScoreContext) -> dict[str, torch.Tensor]:
         model, targets = ctx.model, ctx.targets

@@ -16,7 +16,7 @@ from torch import nn
 
 import speft
 from speft.models.loading import dequantised
-from speft.models.quantization import dense_weight, quantized_layers, weight_shape
+from speft.models.quantization import plain_linear, quantized_layers, replace_module, weight_shape
 from speft.sparse.layer import SparseDeltaLinear, inject, sparse_layers
 
 WEIGHTS = "adapter.safetensors"
@@ -85,28 +85,8 @@ def unload(model: nn.Module, merge: bool) -> nn.Module:
         else:
             layer.sync() if merge else layer.unmerge()
             base = layer.base
-        _replace(model, name, base)
+        replace_module(model, name, base)
     return model
-
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
-@torch.no_grad()
-def plain_linear(base: nn.Module, delta: SparseDeltaLinear | None = None) -> nn.Linear:
-    """A plain ``nn.Linear`` with the de-quantized weight of ``base`` (+ α·Δ of ``delta``) and its bias, in the
-    compute dtype (bitsandbytes de-quantizes in fp32 here; transformers' ``dequantize`` goes through bf16)."""
-    w = dense_weight(base).clone()
-    if delta is not None:
-        w.view(-1)[delta.indices.long()] += (delta.scaling * delta.values.detach()).to(w.dtype)
-    bias = base.bias
-    out = nn.Linear(base.in_features, base.out_features, bias=bias is not None, device=w.device, dtype=w.dtype)
-    out.weight.copy_(w)
-    if bias is not None:
-        out.bias.copy_(bias)
-    return out.requires_grad_(False)
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
@@ -115,7 +95,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     unload(model, merge=True)
     quantized = quantized_layers(model)
     for name in quantized:
-        _replace(model, name, plain_linear(model.get_submodule(name)))
+        replace_module(model, name, plain_linear(model.get_submodule(name)))
     if quantized:
         dequantised(model)  # no quantizer left: save_pretrained writes a plain checkpoint
     return model
