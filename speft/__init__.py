@@ -1,7 +1,6 @@
 """speft: sparse parameter-efficient fine-tuning with salience-selected masks."""
 
 import logging
-import warnings
 
 __version__ = "0.1.0"
 
@@ -11,5 +10,6 @@ __version__ = "0.1.0"
 # here (and offline).
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda r: "gemm_4bit_forward" not in r.getMessage())
 logging.getLogger("kernels._internals.hf_hub").addFilter(lambda r: "quantization-bitsandbytes" not in r.getMessage())
-# int8 matmuls take fp16 inputs: bitsandbytes warns on every call with fp32 or bf16 activations.
-warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+# int8 matmuls take fp16 inputs (the int8 base's documented precision): bitsandbytes warns on every call with fp32
+# or bf16 activations.
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(lambda r: "inputs will be cast" not in r.getMessage())
