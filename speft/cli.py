@@ -33,8 +33,11 @@ INTERNAL_GROUPS = ("schema", "debug_task", "hydra")  # composed by the configs t
 
 def option_groups() -> dict[str, list[str]]:
     """The config groups a user picks an option of (``conf/<group>/``; nested files are options such as
-    ``task=glue/sst2``) and their options."""
-    return {d.name: sorted(p.relative_to(d).with_suffix("").as_posix() for p in d.rglob("*.yaml"))
+    ``task=glue/sst2``) and their options, with the registry's aliases (options without a file)."""
+    from speft import registry
+
+    return {d.name: sorted([*(p.relative_to(d).with_suffix("").as_posix() for p in d.rglob("*.yaml")),
+                            *registry.aliases(d.name)])
             for d in sorted(CONF.iterdir()) if d.is_dir() and d.name not in INTERNAL_GROUPS}
 
 

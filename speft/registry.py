@@ -38,7 +38,8 @@ def register(group: str, name: str, schema: type | None = None, aliases: tuple[s
 
     ``aliases`` are other names for the same entry (e.g. the reference code's ``gradient`` for ``grad``):
     ``get(group, alias)`` returns the canonical entry (``entry.name`` is the canonical name), ``names``
-    lists canonical names only, ``aliases`` maps each alias to its canonical name.
+    lists canonical names only, ``aliases`` maps each alias to its canonical name. Each alias is also the config
+    option ``<group>=<alias>``, stored here (it selects the canonical option's file): declared once.
     """
 
     def deco(obj: Any) -> Any:
@@ -51,6 +52,8 @@ def register(group: str, name: str, schema: type | None = None, aliases: tuple[s
         if schema is not None:  # a nested name (glue/rte) becomes Hydra's nested group schema/task/glue
             path, _, leaf = f"schema/{group}/{name}".rpartition("/")
             ConfigStore.instance().store(group=path, name=leaf, node=schema)
+        for alias in aliases:  # the option <group>=<alias> is the canonical option, values and all (no YAML file)
+            ConfigStore.instance().store(group=group, name=alias, node={"defaults": [name, "_self_"]})
         return obj
 
     return deco

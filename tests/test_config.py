@@ -25,7 +25,7 @@ def option_files(group: str) -> list[str]:
     return sorted(p.relative_to(CONF / group).with_suffix("").as_posix() for p in (CONF / group).rglob("*.yaml"))
 
 
-OPTIONS = [(g, o) for g in GROUPS for o in option_files(g)]
+OPTIONS = [(g, o) for g in GROUPS for o in [*option_files(g), *registry.aliases(g)]]
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
@@ -34,7 +34,7 @@ def test_every_option_composes_and_validates(group, option, monkeypatch):
     cfg = compose_cfg(f"{group}={option}")
     spec = validate(cfg)
     node = getattr(spec, group)
-    # one string everywhere: CLI option = YAML file = registry name; an alias file selects its canonical option
+    # one string everywhere: CLI option = YAML file = registry name; an alias selects its canonical option
     assert node.name == registry.aliases(group).get(option, option)
 
 
@@ -55,7 +55,7 @@ def test_debug_fast_sets_the_keys_that_own_each_number_after_any_preset(extra):
 @pytest.mark.parametrize("group", ["task", "method", "metric", "mask", "logger"])
 def test_registry_and_config_files_match(group):
     files = set(option_files(group))
-    assert files == set(registry.names(group)) | set(registry.aliases(group))
+    assert files == set(registry.names(group))  # aliases are options without a file (stored by the registry)
 
 
 def _error(*overrides):
@@ -244,3 +244,29 @@ def test_a_hub_only_model_that_cannot_load_says_so_in_one_line(tmp_path):
     with pytest.raises(OSError):  # a local folder's own error is kept as it is
         with hub_only_hint(cfg, str(tmp_path)):
             raise OSError("config.json missing")
+
+
+COMPONENT_FILES = sorted(p for g in ("method", "metric", "mask", "task", "model", "trainer", "logger")
+                         for p in (CONF / g).rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", COMPONENT_FILES, ids=lambda p: p.relative_to(CONF).as_posix())
+def test_each_default_has_one_home_the_yaml_sets_only_what_differs_from_its_schema(path):
+    """A YAML value equal to the schema's default would be a second home for it: change the default in the code
+    and the file would silently keep the old one."""
+    import yaml
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    raw = yaml.safe_load(path.read_text())
+    schema = next(d for d in raw["defaults"] if isinstance(d, str) and d.startswith("/schema/"))
+    group, _, name = schema.split("@")[0][1:].rpartition("/")
+    node = ConfigStore.instance().load(f"{group}/{name}.yaml").node
+    for key, value in raw.items():
+        if key == "defaults":
+            continue
+        assert key in node or OmegaConf.is_missing(node, key), f"{path.name}: {key} is not a schema field"
+        if not OmegaConf.is_missing(node, key):
+            default = OmegaConf.to_container(node, resolve=False)[key]
+            same = default == value and (type(default) is type(value) or isinstance(default, float))
+            assert not same, f"{path.name}: {key}: {value!r} restates the schema's default; remove it from the file"
