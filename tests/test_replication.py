@@ -120,3 +120,59 @@ def test_a_task_that_does_not_separate_at_tuning_runs_no_later_stage(tmp_path, m
     (tmp_path / "screen.json").write_text(json.dumps({"glue/sst2": {**screen, "best": 60.0, "separates": True}}))
     grid.lr = grid.chosen_lr()
     assert {r.folder.parts[-2] for r in grid.a()} == {"sparse-grad", "lora", "head_only"}  # one seed each
+
+
+def verdict_runs(tmp_path, cells: dict[tuple, list[float]]) -> None:
+    """Table A/B-shaped runs of SST-2 from one committed tuning result: ``cells`` maps (method, metric, mask,
+    selection) to one accuracy per seed."""
+    template = json.loads(next((ROOT / "experiments" / "replication" / "runs" / "tune" / "glue-sst2" /
+                                "sparse-grad").glob("*/results.json")).read_text())
+    for (method, metric, mask, selection), values in cells.items():
+        for seed, value in enumerate(values, 1):
+            data = json.loads(json.dumps(template))
+            cfg = data["config"]
+            cfg["method"]["name"], cfg["metric"]["name"], cfg["seed"] = method, metric, seed
+            cfg["mask"].update(name=mask, selection=selection)
+            data.update(salience=method == "sparse", seed=seed, main_metric="validation/accuracy",
+                        metrics={"validation/accuracy": value})
+            stage = "a" if (mask, selection) == ("static", "global") else "b"
+            folder = tmp_path / stage / f"{method}-{metric}-{mask}-{selection}" / f"seed{seed}"
+            folder.mkdir(parents=True)
+            (folder / "results.json").write_text(json.dumps(data))
+
+
+def test_the_verdicts_follow_their_fixed_rules_on_made_up_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "path", [str(ROOT / "experiments" / "replication"), *sys.path])
+    import verdicts
+
+    from speft.report import load_records
+
+    grad = [0.80, 0.81, 0.79, 0.80, 0.80, 0.81]  # six seeds: the sign-flip p can fall below 0.05 (1/32)
+    cells = {("sparse", "grad", "static", "global"): grad,
+             ("sparse", "snip", "static", "global"): [0.805, 0.812, 0.795, 0.801, 0.80, 0.812],  # on par
+             ("sparse", "magnitude", "static", "global"): [0.70, 0.72, 0.69, 0.71, 0.70, 0.70],
+             ("sparse", "random", "static", "global"): [0.795, 0.815, 0.785, 0.80, 0.80, 0.81],  # not clearly worse
+             ("lora", "grad", "static", "global"): [0.70, 0.80, 0.90, 0.60, 0.85, 0.95],  # too noisy to decide
+             ("sparse", "grad", "dynamic", "global"): [0.85, 0.86, 0.84, 0.85, 0.85, 0.86],  # dynamic clearly better
+             ("sparse", "grad", "static", "local"): [0.80, 0.80, 0.79, 0.80, 0.80, 0.81]}
+    verdict_runs(tmp_path, cells)
+    df = load_records([tmp_path])
+    df["stage"] = [r.split("/")[-4] if "/a/" in r or "/b/" in r else None for r in df["run"].map(str)]
+    a, b = df[df["run"].map(str).str.contains("/a/")], df[df["run"].map(str).str.contains("/b/")]
+    results = {c["claim"]: c for c in verdicts.write(tmp_path, a, b, ["glue/sst2"])}
+    parts = {p["part"].split(" (")[0]: p for c in results.values() for p in c["parts"]}
+    on_par = parts["grad on par with the best other metric"]
+    assert "snip" in on_par["part"] and on_par["verdict"] == verdicts.REPRODUCED
+    snip = cells[("sparse", "snip", "static", "global")]
+    assert on_par["mean"] == pytest.approx(100 * (sum(grad) - sum(snip)) / 6)  # points
+    few = verdicts.clearly_better(verdicts.paired([9.0, 10.0, 9.5, 9.0]))  # 4 pairs: p >= 1/8 at best
+    assert few == verdicts.INCONCLUSIVE
+    assert parts["grad clearly above magnitude"]["verdict"] == verdicts.REPRODUCED
+    assert parts["grad clearly above random"]["verdict"] == verdicts.NOT_REPRODUCED
+    assert results[1]["verdict"] == verdicts.NOT_REPRODUCED  # one part fails: the claim fails
+    assert results[2]["verdict"] == verdicts.NOT_REPRODUCED and results[2]["parts"][0]["pairs"] == 6
+    assert results[3]["verdict"] == verdicts.REPRODUCED
+    assert results[4]["verdict"] == verdicts.INCONCLUSIVE
+    text = (tmp_path / "verdicts.md").read_text()
+    assert "**not reproduced**" in text and "**inconclusive at this scale**" in text
+    assert json.loads((tmp_path / "verdicts.json").read_text())["claims"][0]["claim"] == 1

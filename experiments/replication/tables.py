@@ -14,7 +14,8 @@ Writes into OUT_DIR (Markdown, LaTeX and CSV each, through ``speft.report``):
   included), paired against ``grad/static/global``;
 * ``warmup.*``: scoring through the fresh head (Table A) vs after 20 head warm-up steps;
 * ``density.*``: ``grad``, ``random`` and LoRA at lora:1 to lora:32 on the density task;
-* ``lm.*``: the causal-LM panel, the reference solutions' token NLL (lower is better) and exact match.
+* ``lm.*``: the causal-LM panel, the reference solutions' token NLL (lower is better) and exact match;
+* ``verdicts.md``/``.json``: the study's four claims decided by the rules of ``verdicts.py``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ import pandas as pd
 from speft.report import load_records, pivot
 from speft.report.collect import ReportError
 from speft.report.tables import paired_csv, paired_latex, paired_markdown, to_csv, to_latex, to_markdown
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import verdicts  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MARGIN = 5.0  # points above the majority class that make a task "separate" (the issue's rule)
@@ -153,6 +157,8 @@ def main(argv: list[str]) -> None:
     elif screened:  # no Table A yet: what the tuning-stage screen decided
         (out / "separation.md").write_text(separation(None, {}, screened)[1])
     b = stage(df, "b")
+    if len(a):  # the four claims, by the rules fixed in verdicts.py
+        verdicts.write(out, a, b if len(b) else None, keep)
     if len(b):
         grad_fisher = a[(a["method.name"] == "sparse") & a["metric.name"].isin(["grad", "fisher"])]
         both = pd.concat([b, grad_fisher[grad_fisher["task.name"].isin(b["task.name"].unique())]])
