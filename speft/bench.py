@@ -445,28 +445,30 @@ def summarise(runs: list[dict]) -> dict:
     return row
 
 
+TABLE_COLUMNS = {"method": "method", "rank": "rank", "mask": "mask", "step_s": "step s", "step_vs_lora": "× LoRA",
+                 "step_vs_frozen": "× frozen", "values_grad_s": "values' grad s", "peak_memory_mb": "peak MB",
+                 "memory_vs_lora": "mem × LoRA", "structured_fraction": "structured fraction", "plans": "plans"}
+
+
 def markdown_table(rows: list[dict]) -> str:
-    """The rows as the Markdown table of experiments/efficiency/: one line per method, rank and mask."""
+    """The rows as the Markdown table of experiments/efficiency/ (the report's one table writer): one line per
+    method, rank and mask; a failed configuration says its error after its key."""
+    from speft.report.tables import markdown_table as write_table
+
     def cell(row, key):
         v = row.get(key)
         if key == "plans" and v:
             return ", ".join(f"{k} {n}" for k, n in v.items())
         return "" if v is None else str(v)
 
-    keys = ["method", "rank", "mask", "step_s", "step_vs_lora", "step_vs_frozen", "values_grad_s", "peak_memory_mb",
-            "memory_vs_lora", "structured_fraction", "plans"]
-    head = ["method", "rank", "mask", "step s", "× LoRA", "× frozen", "values' grad s", "peak MB", "mem × LoRA",
-            "structured fraction", "plans"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in rows:
-        if "error" in row:
-            lines.append(f"| {row['method']} | {cell(row, 'rank')} | {cell(row, 'mask')} | error: {row['error']} |")
-        else:
-            lines.append("| " + " | ".join(cell(row, k) for k in keys) + " |")
+    keys = list(TABLE_COLUMNS)
+    body = [[cell(row, k) for k in keys[:3]] + [f"error: {row['error']}"] + [""] * (len(keys) - 4) if "error" in row
+            else [cell(row, k) for k in keys] for row in rows]
+    table = write_table(list(TABLE_COLUMNS.values()), body, [k not in ("method", "mask", "plans") for k in keys])
     first = next((r for r in rows if "error" not in r), {})
     setting = ", ".join(f"{k} {first[k]}" for k in ("shape", "batch", "seq", "targets", "device", "dtype",
                                                     "quantization", "threads") if k in first)
-    return f"{setting}; median of {first.get('repeats', 1)} processes per row\n\n" + "\n".join(lines) + "\n"
+    return f"{setting}; median of {first.get('repeats', 1)} processes per row\n\n" + table
 
 
 def main(argv=None) -> list[dict]:

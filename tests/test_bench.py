@@ -172,7 +172,7 @@ def test_table_has_one_line_per_row_with_its_ratios_and_errors(tmp_path):
     assert lines[0] == "shape tiny, batch 2, seq 8, threads 1; median of 3 processes per row"
     assert lines[4:] == ["| frozen |  |  | 2.0 |  | 1.0 |  | 100.0 |  |  |  |",
                          "| sparse | 4 | grad | 2.2 | 0.9 | 1.1 | 0.3 | 90.0 | 0.8 | 0.15 | dense 1, row_bands 2 |",
-                         "| lora | 4 |  | error: ['boom'] |"]
+                         "| lora | 4 |  | error: ['boom'] |  |  |  |  |  |  |  |"]  # a full-width row
     out = tmp_path / "t.md"
     rows = main([*TINY, "--rank", "2", "--methods", "frozen,sparse", "--table", str(out)])
     assert out.read_text(encoding="utf-8") == markdown_table(rows)
