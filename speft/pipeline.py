@@ -31,6 +31,7 @@ from speft.models.loading import (
     head_parameters,
     load_model,
     load_tokenizer,
+    target_patterns,
     target_shapes,
 )
 from speft.models.quantization import weight_numel
@@ -413,7 +414,11 @@ def load_data_and_model(state: RunState) -> None:
         state.splits = task.splits()
     with timed(state.timings, "model_load_s"):
         state.tokenizer = load_tokenizer(spec.model, cache_dir)
-        state.model = load_model(spec.model, task.head, task.num_labels, cache_dir, device=state.device)
+        method = registry.get("method", spec.method.name).obj
+        keep_float = (target_patterns(spec.model.family, spec.method.targets, spec.method.target_regex)
+                      if method.float_targets and spec.model.quantization != "none" else [])
+        state.model = load_model(spec.model, task.head, task.num_labels, cache_dir, device=state.device,
+                                 keep_float=keep_float)
     with timed(state.timings, "data_s"):
         # Generative tasks evaluate raw rows with their own evaluator; only training examples are encoded.
         state.encoded = {name: task.encode(state.tokenizer, rows)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,12 @@ from torch import nn
 
 import speft.components  # noqa: F401
 import speft.config  # noqa: F401
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest-xdist workers on this 2-core machine: one torch thread each (and in the runs
+    # they launch), since two multi-threaded torch processes slow each other down several-fold
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"

@@ -56,6 +56,7 @@ class Method:
     uses_peft = False  # True: the method is built on Hugging Face PEFT (the memory estimate counts its import)
     head_only = False  # True: trains nothing but a new task head (refused for a pretrained LM head)
     quantized_refusal: Optional[str] = None  # why the method cannot train on a quantized base (None: it can)
+    float_targets = False  # True: on a quantized base its target modules load unquantized (QPiSSA)
 
     def __init__(self, cfg: MethodConfig) -> None:
         self.cfg = cfg

@@ -129,15 +129,17 @@ def build_meta_model(cfg: ModelConfig, head: str, num_labels: int | None, cache_
 
 
 def load_model(cfg: ModelConfig, head: str, num_labels: int | None, cache_dir: Path | None = None,
-               device: torch.device | None = None) -> nn.Module:
+               device: torch.device | None = None, keep_float: list[str] = ()) -> nn.Module:
     """The model on ``device``. On an accelerator the weights load straight into its memory (``device_map``):
-    eight data-parallel ranks of a 7B fp32 model would otherwise each hold 30 GB in host memory first."""
+    eight data-parallel ranks of a 7B fp32 model would otherwise each hold 30 GB in host memory first. With
+    ``model.quantization``, modules matching the ``keep_float`` regexes (``re.search``) load unquantized too."""
     source, kwargs = checkpoint(cfg, cache_dir)
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
     if device is not None and device.type != "cpu" and not cfg.gguf_file:  # GGUF is de-quantised on the host
         kwargs["device_map"] = {"": device}
-    quantization = bnb_config(cfg.quantization, DTYPES[cfg.dtype], FAMILIES[cfg.family].head)
+    skip = (*FAMILIES[cfg.family].head, *(f".*{p}" for p in keep_float))  # transformers matches from the start
+    quantization = bnb_config(cfg.quantization, DTYPES[cfg.dtype], skip)
     if quantization is not None:
         if "gguf_file" in kwargs:  # transformers refuses to quantize a GGUF checkpoint: it needs the plain copy
             raise ConfigError(f"model.quantization={cfg.quantization} on a GGUF checkpoint needs its de-quantised "
@@ -147,7 +149,8 @@ def load_model(cfg: ModelConfig, head: str, num_labels: int | None, cache_dir: P
         model, info = auto_class(head).from_pretrained(source, dtype=DTYPES[cfg.dtype], output_loading_info=True,
                                                        **kwargs)
     report_loading(model, info, cfg)
-    check_quantized(model, cfg.quantization, source)
+    if not keep_float:
+        check_quantized(model, cfg.quantization, source)
     if "gguf_file" in kwargs:  # read from the GGUF file itself (no cache folder), not from its plain copy
         dequantised(model)
     if getattr(model.config, "pad_token_id", None) is None and getattr(model.config, "eos_token_id", None) is not None:
@@ -200,16 +203,20 @@ def load_tokenizer(cfg: ModelConfig, cache_dir: Path | None = None):
     return tok
 
 
-def find_targets(model: nn.Module, family: str, preset: str | None, regex: list[str] | None) -> dict[str, nn.Linear]:
-    """Linear layers to receive the sparse delta (the task head is never a target)."""
+def target_patterns(family: str, preset: str | None, regex: list[str] | None) -> list[str]:
+    """The module-name regexes (``re.search``) of ``method.target_regex`` or of the family's preset."""
     fam = FAMILIES[family]
     if regex:
-        patterns = list(regex)
-    else:
-        if preset not in fam.presets:
-            raise ConfigError(f"method.targets={preset!r} is not a preset of family '{family}'. "
-                              f"Valid choices: {', '.join(sorted(fam.presets))} (or set method.target_regex)")
-        patterns = list(fam.presets[preset])
+        return list(regex)
+    if preset not in fam.presets:
+        raise ConfigError(f"method.targets={preset!r} is not a preset of family '{family}'. "
+                          f"Valid choices: {', '.join(sorted(fam.presets))} (or set method.target_regex)")
+    return list(fam.presets[preset])
+
+
+def find_targets(model: nn.Module, family: str, preset: str | None, regex: list[str] | None) -> dict[str, nn.Linear]:
+    """Linear layers to receive the sparse delta (the task head is never a target)."""
+    patterns = target_patterns(family, preset, regex)
     compiled = [re.compile(p) for p in patterns]
     targets = {
         name: mod

@@ -115,6 +115,30 @@ def plain_linear(base: nn.Module, delta: nn.Module | None = None) -> nn.Linear:
     return out.requires_grad_(False)
 
 
+@torch.no_grad()
+def quantize_linear(linear: nn.Linear, config) -> nn.Module:
+    """``linear`` as a bitsandbytes layer of transformers' ``BitsAndBytesConfig`` ``config`` (the one the model was
+    loaded with: NF4 or int8, double quantization, compute dtype), on ``linear``'s device (bitsandbytes quantizes
+    when the weight moves there)."""
+    import bitsandbytes as bnb
+
+    bias = linear.bias is not None
+    if config.load_in_4bit:
+        dtype, double = config.bnb_4bit_compute_dtype, config.bnb_4bit_use_double_quant
+        q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias, compute_dtype=dtype,
+                              compress_statistics=double, quant_type=config.bnb_4bit_quant_type, device="meta")
+        q.weight = bnb.nn.Params4bit(linear.weight.data.to(dtype), requires_grad=False, compress_statistics=double,
+                                     quant_type=config.bnb_4bit_quant_type, module=q)
+    else:
+        q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False,
+                                threshold=config.llm_int8_threshold, device="meta")
+        q.weight = bnb.nn.Int8Params(linear.weight.data.to(torch.float16), requires_grad=False,
+                                     has_fp16_weights=False)
+    if bias:
+        q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+    return q.to(linear.weight.device)
+
+
 @contextmanager
 def float_weights(model: nn.Module, targets: dict[str, nn.Module]) -> Iterator[dict[str, nn.Module]]:
     """Inside: every quantized linear layer of ``model`` is a plain ``nn.Linear`` holding its de-quantized weight
