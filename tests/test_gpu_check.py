@@ -17,7 +17,9 @@ def test_the_gpu_check_runs_its_cpu_parts_and_writes_one_line_per_check(tmp_path
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     records = {r["check"]: r for r in map(json.loads, out.read_text().splitlines())}
-    assert list(records) == ["env", "bench/tiny", "train/default", "train/default-nf4", "nccl"]
+    assert list(records) == ["env", "bench/tiny", "plans", "train/default", "train/default-nf4", "nccl"]
+    costs = records["plans"]["costs"]  # the cost model's constants, measured on this CPU
+    assert costs["gather"] > 0 and costs["block"] >= 0 and costs["sampled"] > 0
     assert records["env"]["torch"] and records["env"]["gpus"] == []
     methods = {r["method"]: r for r in records["bench/tiny"]["rows"]}
     assert set(methods) == {"sparse", "lora"} and methods["lora"]["step_vs_lora"] == 1.0

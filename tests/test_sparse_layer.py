@@ -3,6 +3,8 @@ and never touches entries outside its mask."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -269,8 +271,11 @@ def test_the_sampled_product_is_offered_only_where_its_cost_was_measured(monkeyp
     from speft.sparse import layer as sparse_layer
 
     idx = mask("random", k=3000)
-    monkeypatch.setattr(sparse_layer, "SAMPLED_COST", {})  # as on CUDA today
+    cpu = sparse_layer.PLAN_COSTS["cpu"]
+    monkeypatch.setitem(sparse_layer.PLAN_COSTS, "cpu", dataclasses.replace(cpu, sampled=None))
     assert "sampled" not in [p.kind for p, _ in candidate_plans(idx, (OUT, IN))]
+    monkeypatch.delitem(sparse_layer.PLAN_COSTS, "cpu")  # a device type without measured costs (CUDA today)
+    assert [p.kind for p, _ in candidate_plans(idx, (OUT, IN))] == ["dense"]
     assert SparseDeltaLinear(nn.Linear(IN, OUT), idx).plan.kind == "dense"
 
 
@@ -286,3 +291,15 @@ def test_every_candidate_structure_gives_the_dense_gradient(kind):
         assert rel_err(plan.values_grad(g, x), ref) <= 1e-6, plan.kind
         rows = set((idx // IN).tolist())
         assert plan.computed >= len(idx) and (plan.kind == "dense" or plan.computed <= len(rows) * IN)
+
+
+def test_measured_plan_costs_are_read_per_device_type_and_a_malformed_file_is_named(tmp_path):
+    from speft.sparse.layer import PlanCosts, measured_costs
+
+    assert measured_costs(tmp_path / "absent.json") == {}
+    path = tmp_path / "plan_costs.json"
+    path.write_text('{"cuda": {"gather": 4.0, "block": 2000.0, "sampled": null}}')
+    assert measured_costs(path) == {"cuda": PlanCosts(gather=4.0, block=2000.0, sampled=None)}
+    path.write_text('{"cuda": {"gather": 4.0}}')
+    with pytest.raises(ValueError, match="plan_costs.json: expected"):
+        measured_costs(path)

@@ -1,6 +1,6 @@
 """Each candidate structure of the values' gradient timed on every target layer of the stored grad masks
 (one thread, min of 3 after a warm-up), against the cost model's estimate: checks the per-layer choice
-and fits the sampled product's per-entry cost (SAMPLED_COST in speft/sparse/layer.py).
+and fits the sampled product's per-entry cost (PLAN_COSTS['cpu'].sampled in speft/sparse/layer.py).
 
 Usage: python experiments/efficiency/plan_costs.py <masks file> [<masks file> ...]
 (files written by ``speft.bench --masks-file``; SmolLM2-135M and MiniLM shapes). One JSON line per file and rank.

@@ -4,6 +4,7 @@ tokens, all linear layers) on a stored grad mask, one thread, both variants in o
 
 Usage: python experiments/efficiency/values_grad_ab.py <masks file written by speft.bench --masks-file> <rank>
 """
+import dataclasses
 import json
 import statistics
 import sys
@@ -26,10 +27,11 @@ inputs = bench.batch_inputs(args, torch.randint(0, 49152, (4, 128), generator=to
 timer = bench.ValuesGradTimer("cpu")
 layers = list(sparse_layer.sparse_layers(model).values())
 measured = {"sampled": [], "without_sampled": []}
-with_cost = dict(sparse_layer.SAMPLED_COST)
+with_cost = sparse_layer.PLAN_COSTS["cpu"]
 for _ in range(4):
     for variant in measured:
-        sparse_layer.SAMPLED_COST = with_cost if variant == "sampled" else {}
+        sparse_layer.PLAN_COSTS["cpu"] = with_cost if variant == "sampled" else dataclasses.replace(with_cost,
+                                                                                                     sampled=None)
         for layer in layers:
             layer._plan_key = None  # rebuild the plans under this cost table
         for step in range(2):

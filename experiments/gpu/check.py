@@ -11,6 +11,8 @@ Checks, in order (each in its own process; a failing check is recorded and the n
   shape and a 1B Llama shape;
 * ``train/gsm8k``: a short GSM8K training and evaluation of the packaged SmolLM2-135M on the device
   (``debug=fast``): status, metrics, step time, the measured peak against pre-flight's memory estimate;
+* ``plans``: the backward plans' cost constants on the device (``calibrate_plans.py``; commit its ``costs``
+  to ``speft/sparse/plan_costs.json`` under the device type, and the sparse layer plans structured products there);
 * ``bench/smollm2-135m-nf4``: the bench on an NF4 base (sparse, QLoRA, frozen), full-size runs only;
 * ``train/gsm8k-nf4``: the same training on a 4-bit base (``model.quantization=nf4``; quick: the default run's);
 * ``nccl``: the same run data-parallel on two GPUs through ``torchrun`` when two are visible (else skipped).
@@ -73,6 +75,14 @@ def bench(shape: str, device: str, quick: bool, quantization: str = "none") -> d
     return {"rc": rc, "seconds": round(seconds, 1), "rows": summary or rows, "stderr": err[-1500:] if rc else ""}
 
 
+def plans(device: str, quick: bool) -> dict:
+    cmd = [sys.executable, str(ROOT / "experiments" / "gpu" / "calibrate_plans.py"), "--device", device,
+           "--dtype", "float32" if device == "cpu" else "bfloat16", *(["--quick"] if quick else [])]
+    rc, out, err, seconds = run(cmd, 300)
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return {"rc": rc, "seconds": round(seconds, 1), **(rows[-1] if rows else {}), "stderr": err[-1500:] if rc else ""}
+
+
 def train(device: str, quick: bool, extra: list[str], launcher: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         # quick: the default run's MiniLM instead of SmolLM2 on GSM8K, seconds on a CPU
@@ -95,6 +105,7 @@ def checks(device: str, quick: bool):
     yield "env", lambda: env_record(device)
     for shape in (["tiny"] if quick else ["smollm2-135m", "llama-1b"]):
         yield f"bench/{shape}", lambda shape=shape: bench(shape, device, quick)
+    yield "plans", lambda: plans(device, quick)
     if not quick:
         yield "bench/smollm2-135m-nf4", lambda: bench("smollm2-135m", device, quick, "nf4")
     name = "train/default" if quick else "train/gsm8k"

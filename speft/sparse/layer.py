@@ -24,8 +24,10 @@ alone beside bitsandbytes' own 4-bit kernel. The values' gradient uses the same 
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -35,21 +37,39 @@ from speft.models.quantization import dense_weight, is_quantized, weight_shape
 
 VALUES_GROUP = "sparse"  # the optimizer parameter group holding every layer's values (masks find it by this name)
 BAND = 64  # rows (or columns) per band of the banded structures; measured on SmolLM2-135M gradient masks
-GATHER_COST = 16  # one gathered row/column of G or X costs about this many block entries (memory-bound copy)
-BLOCK_COST = 512  # fixed cost of one block product (call overhead, ~10 µs), in block entries
 # torch warns once that CSR tensors are "beta"; the sampled product is tested against the dense one here
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-# Per device type: one entry of the sampled product (a dot product over the tokens) costs about this many
-# dense-product entries; devices without a measured figure do not use it (CUDA: not measured yet).
-SAMPLED_COST = {"cpu": 6.0}
+
+
+@dataclass(frozen=True)
+class PlanCosts:
+    """The backward plans' cost model on one device type, in units of one entry of a dense product."""
+
+    gather: float  # one gathered row/column of G or X (a memory-bound copy)
+    block: float  # the fixed cost of one block product (call or kernel launch overhead)
+    sampled: float | None  # one entry of the sampled product (a dot product over the tokens); None: not offered
+
+
+# Per device type, measured: CPU here (experiments/efficiency/plan_costs.py; one block call ~10 µs). Other device
+# types come from MEASURED_COSTS, written from the GPU check's `plans` step (experiments/gpu/check.sh); a device
+# type without costs forms the values' gradient with one dense product: thousands of small block kernels per
+# micro-batch would likely cost more than one GEMM, and building the plans syncs the device.
+def measured_costs(path: Path) -> dict[str, PlanCosts]:
+    """``{"<device type>": {"gather": .., "block": .., "sampled": ..}}`` from ``path`` (none when it is absent)."""
+    if not path.is_file():
+        return {}
+    try:
+        return {device: PlanCosts(**costs) for device, costs in json.loads(path.read_text()).items()}
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: expected {{device type: {{gather, block, sampled}}}}: {e}") from None
+
+
+PLAN_COSTS = {"cpu": PlanCosts(gather=16, block=512, sampled=6.0),
+              **measured_costs(Path(__file__).with_name("plan_costs.json"))}
 # A quantized base on these device types reads its 4-bit weight without de-quantizing it for inputs of at most
 # this many tokens (bitsandbytes' fused inference kernel, decoding), so the sparse delta is added from its entries
 # alone there; otherwise the weight is de-quantized once and the delta scattered into it (one product, not two).
 SPARSE_PRODUCT_TOKENS = {"cuda": 1}
-# Device types whose structure costs (BAND, GATHER_COST, BLOCK_COST) were measured: CPU. Elsewhere (CUDA until
-# the GPU check measures them) the values' gradient comes from one dense product: thousands of small block
-# kernels per micro-batch would likely cost more than one GEMM, and building them syncs the device.
-STRUCTURED = ("cpu",)
 
 
 @dataclass
@@ -114,25 +134,25 @@ def _sampled(csr: tuple[torch.Tensor, torch.Tensor], g2: torch.Tensor, x2: torch
     return torch.sparse.sampled_addmm(pattern, g2.t(), x2, beta=0.0).values()
 
 
-def _selector(touched: torch.Tensor, other: int) -> tuple[slice | torch.Tensor, int, int]:
+def _selector(touched: torch.Tensor, other: int, costs: PlanCosts) -> tuple[slice | torch.Tensor, int, int]:
     """A range over the touched (sorted, unique) features or their gathered indices, whichever costs
     less with ``other`` features on the other side; returns (selector, count, start)."""
     lo, hi = int(touched[0]), int(touched[-1]) + 1
     n = touched.numel()
-    if (hi - lo - n) * other <= GATHER_COST * n:
+    if (hi - lo - n) * other <= costs.gather * n:
         return slice(lo, hi), hi - lo, lo
     return touched, n, -1
 
 
-def _block(rows: torch.Tensor, cols: torch.Tensor) -> tuple[_Block, int]:
+def _block(rows: torch.Tensor, cols: torch.Tensor, costs: PlanCosts) -> tuple[_Block, int]:
     """One block covering the entries at (rows, cols); returns it and its cost."""
     ur, r_inv = torch.unique(rows, return_inverse=True)
     uc, c_inv = torch.unique(cols, return_inverse=True)
-    rsel, nr, r0 = _selector(ur, uc.numel())
-    csel, nc, c0 = _selector(uc, nr)
+    rsel, nr, r0 = _selector(ur, uc.numel(), costs)
+    csel, nc, c0 = _selector(uc, nr, costs)
     ri = rows - r0 if r0 >= 0 else r_inv
     ci = cols - c0 if c0 >= 0 else c_inv
-    cost = nr * nc + GATHER_COST * ((0 if r0 >= 0 else nr) + (0 if c0 >= 0 else nc)) + BLOCK_COST
+    cost = nr * nc + costs.gather * ((0 if r0 >= 0 else nr) + (0 if c0 >= 0 else nc)) + costs.block
     # Formed as Xᵀ[C]·G[:, R] (cols × rows): for a row band (its rows a strided slice of G) MKL forms
     # this up to 2.5x faster than Gᵀ[R]·X[:, C], other blocks take the same time either way; on
     # SmolLM2-135M's grad masks (512 tokens, CPU) all plans together take about 10 % less.
@@ -151,7 +171,8 @@ def _compact(index: torch.Tensor, bound: int) -> torch.Tensor:
     return index.to(torch.int32) if bound <= torch.iinfo(torch.int32).max else index
 
 
-def _banded(rows: torch.Tensor, cols: torch.Tensor, by_rows: bool) -> tuple[list[_Block], torch.Tensor, int]:
+def _banded(rows: torch.Tensor, cols: torch.Tensor, by_rows: bool,
+            costs: PlanCosts) -> tuple[list[_Block], torch.Tensor, int]:
     band = torch.div(rows if by_rows else cols, BAND, rounding_mode="floor")
     order = torch.sort(band, stable=True).indices
     counts = torch.bincount(band[order]).tolist()
@@ -159,7 +180,7 @@ def _banded(rows: torch.Tensor, cols: torch.Tensor, by_rows: bool) -> tuple[list
     for c in counts:
         if c:
             sl = order[start:start + c]
-            b, bc = _block(rows[sl], cols[sl])
+            b, bc = _block(rows[sl], cols[sl], costs)
             blocks.append(b)
             cost += bc
         start += c
@@ -182,30 +203,30 @@ def _sampled_plan(idx: torch.Tensor, wide: torch.Tensor, rows: torch.Tensor, col
 
 def candidate_plans(indices: torch.Tensor, shape: tuple[int, int]) -> list[tuple[GradPlan, int]]:
     """Every structure for these flat indices with its estimated cost: dense, rows × columns, row
-    bands, column bands and, on devices with a measured cost, the sampled product (or only "empty"
-    when there is no index; only dense on a device type outside :data:`STRUCTURED`). ``indices`` are kept
-    as given (the layer's buffer) in each plan."""
+    bands, column bands and, where its cost was measured, the sampled product (or only "empty" when there is no
+    index; only dense on a device type without :data:`PLAN_COSTS`). ``indices`` are kept as given (the layer's
+    buffer) in each plan."""
     out_f, in_f = shape
     dense_n = out_f * in_f
     idx = indices.reshape(-1)
     if idx.numel() == 0:
         return [(GradPlan("empty", idx, [], None, 0, dense_n), 0)]
     dense = GradPlan("dense", idx, [_Block(slice(None), slice(None), idx, out_f, in_f)], None, dense_n, dense_n)
-    if idx.device.type not in STRUCTURED:
-        return [(dense, dense_n + BLOCK_COST)]
+    costs = PLAN_COSTS.get(idx.device.type)
+    if costs is None:
+        return [(dense, dense_n)]
     wide = idx.to(torch.int64)
     rows, cols = torch.div(wide, in_f, rounding_mode="floor"), wide % in_f
-    blk, cost = _block(rows, cols)
-    plans = [(dense, dense_n + BLOCK_COST), (GradPlan("rows_cols", idx, [blk], None, blk.n_rows * blk.n_cols,
-                                                      dense_n), cost)]
+    blk, cost = _block(rows, cols, costs)
+    plans = [(dense, dense_n + costs.block), (GradPlan("rows_cols", idx, [blk], None, blk.n_rows * blk.n_cols,
+                                                       dense_n), cost)]
     for by_rows in (True, False):
-        blocks, order, cost = _banded(rows, cols, by_rows)
+        blocks, order, cost = _banded(rows, cols, by_rows, costs)
         plans.append((GradPlan("row_bands" if by_rows else "col_bands", idx, blocks, _places(order),
                                sum(b.n_rows * b.n_cols for b in blocks), dense_n), cost))
-    per_entry = SAMPLED_COST.get(idx.device.type)
-    if per_entry is not None:
+    if costs.sampled is not None:
         # the kernel copies Gᵀ and Xᵀ to contiguous rows first: one gathered row per feature
-        cost = int(per_entry * idx.numel()) + GATHER_COST * (out_f + in_f) + BLOCK_COST
+        cost = int(costs.sampled * idx.numel()) + costs.gather * (out_f + in_f) + costs.block
         plans.append((_sampled_plan(idx, wide, rows, cols, shape), cost))
     return plans
 
