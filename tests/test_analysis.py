@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from speft.analysis.overlap import compare, load_input, main, matrices, read_json, spearman
+from speft.report.overlap import compare, load_input, main, matrices, read_json, spearman
 from speft.salience.cache import save
 
 

@@ -32,6 +32,6 @@ for p in sorted(Path(sys.argv[1], "static").glob("*/results.json")):
     if (c["task"]["name"], c["mask"]["selection"]) == ("glue/sst2", "global") and r["scoring"].get("path"):
         print(p.parent)
 PY
-python -m speft.analysis.overlap --density lora:8 --json $D/overlap.json $(cat $D/overlap_inputs.txt)
+python -m speft.report.overlap --density lora:8 --json $D/overlap.json $(cat $D/overlap_inputs.txt)
 rm $D/overlap_inputs.txt
 python -m speft.report $OUT --figures $D/figures --overlap $D/overlap.json > /dev/null

@@ -13,5 +13,5 @@ python $D/tables.py "$OUT" "$D"
 # How much the metrics' selections agree on SST-2 at the run's budget (seed 1's score files, from the score
 # cache: random and magnitude keep none). Table A's runs once they exist, else the tuning runs (same scores).
 STAGE=$([ -d "$OUT/a/glue-sst2" ] && echo "a/glue-sst2/*/seed1" || echo "tune/glue-sst2/*/lr0.001")
-python -m speft.analysis.overlap --density lora:8 --json $D/overlap_sst2.json \
+python -m speft.report.overlap --density lora:8 --json $D/overlap_sst2.json \
     $(ls -d $OUT/$STAGE | grep -v -e sparse-random -e sparse-magnitude -e /lora -e /pissa -e /dora -e /full -e /head_only) > /dev/null

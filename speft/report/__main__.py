@@ -67,7 +67,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, metavar="PREFIX", help="write PREFIX.md, PREFIX.tex and PREFIX.csv")
     p.add_argument("--figures", type=Path, metavar="DIR", help="write the figures the runs support (PNG, PDF)")
     p.add_argument("--overlap", type=Path, metavar="JSON",
-                   help="overlap JSON (python -m speft.analysis.overlap --json) for the overlap figure (default: "
+                   help="overlap JSON (python -m speft.report.overlap --json) for the overlap figure (default: "
                    "overlap.json in or next to a source folder; else the runs' score files, if they still exist)")
     p.add_argument("--keys", action="store_true", help="list the available keys and exit")
     return p

@@ -10,7 +10,7 @@ writes it as PNG and PDF and :func:`write_figures` writes every figure the data 
   (averaged over metrics, or per metric);
 * :func:`mask_heatmap`: density of the selected mask per layer × projection;
 * :func:`overlap_heatmap`: IoU (or Spearman ρ) between metrics' selections, from an overlap JSON
-  (``python -m speft.analysis.overlap --json``) or from the runs' score files (:func:`overlap_from_records`);
+  (``python -m speft.report.overlap --json``) or from the runs' score files (:func:`overlap_from_records`);
 * :func:`efficiency_bars`: step time and peak memory relative to LoRA (``speft.report.efficiency``).
 """
 
@@ -312,10 +312,10 @@ def mask_heatmap(data: pd.DataFrame | dict, by: str | None = None, which: str = 
 
 def overlap_from_records(df: pd.DataFrame, density: Any = None, selection: str = "global",
                          filters: Iterable[str] = ()) -> dict:
-    """The overlap record (:func:`speft.analysis.overlap.overlap_record`) of the metrics' score files
+    """The overlap record (:func:`speft.report.overlap.overlap_record`) of the metrics' score files
     named by completed runs (``scoring.path``; the first run per metric). The runs must share a task (add a
     filter such as ``task.name=glue/sst2``); ``density`` defaults to theirs."""
-    from speft.analysis.overlap import load_input, overlap_record, parse_density
+    from speft.report.overlap import load_input, overlap_record, parse_density  # torch: only when drawn
 
     df = apply_filters(df, filters)
     df = df[(df["status"] == "completed") & df["scoring.path"].map(lambda p: isinstance(p, str) and Path(p).exists())]
@@ -349,9 +349,9 @@ def find_overlap(results: str | Path) -> Path | None:
 
 def overlap_heatmap(source: str | Path | dict | pd.DataFrame, key: str = "iou", **kwargs) -> Figure:
     """Label × label heatmap of ``key`` (``iou``, ``spearman_mean`` or ``spearman_min``) from an overlap
-    JSON file (``python -m speft.analysis.overlap --json``), its record (dict), or collected runs
+    JSON file (``python -m speft.report.overlap --json``), its record (dict), or collected runs
     (computed from their score files by :func:`overlap_from_records`, ``kwargs`` passed on)."""
-    from speft.analysis.overlap import read_json
+    from speft.report.overlap import read_json
 
     if isinstance(source, pd.DataFrame):
         record = overlap_from_records(source, **kwargs)

@@ -50,7 +50,7 @@ def runs(root):
             for p in sorted(root.rglob("results.json")) for r in [json.loads(p.read_text())]}
 found = {**runs(out / "metrics"), **runs(tmp / "extra")}
 inputs = [str(found[("glue/sst2", m, 1)]) for m in ("grad", "snip", "magnitude", "fisher")]
-subprocess.run([sys.executable, "-m", "speft.analysis.overlap", "--density", "lora:8", "--selection", "global",
+subprocess.run([sys.executable, "-m", "speft.report.overlap", "--density", "lora:8", "--selection", "global",
                 "--json", str(out / "overlap.json"), *inputs], check=True)
 record = json.loads((out / "overlap.json").read_text())  # sources: paths relative to the repository
 record["sources"] = [s if s.startswith(str(out)) else f"(a throw-away run of {label})"

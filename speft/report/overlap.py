@@ -1,6 +1,6 @@
 """How much do salience metrics agree? Pairwise overlap of their selected sets and rank correlation.
 
-    python -m speft.analysis.overlap --density 0.01 [--selection global|local] [--json PATH] INPUT [INPUT ...]
+    python -m speft.report.overlap --density 0.01 [--selection global|local] [--json PATH] INPUT [INPUT ...]
 
 Each INPUT is a run folder (its ``results.json`` names the score file in ``scoring.path``; runs with
 ``metric.cache=false`` have none) or a score file from the cache (``<cache_dir>/scores/*.safetensors``).
@@ -27,6 +27,7 @@ import torch
 
 from speft.config import Budget
 from speft.masks.selection import SELECTIONS, select
+from speft.report.tables import markdown_table
 from speft.results import RESULTS_FILE
 from speft.salience.cache import read
 from speft.tasks.base import spearman  # the one Spearman (scipy; NaN for a constant input)
@@ -97,7 +98,6 @@ def compare(inputs: list[tuple[str, Scores]], density, selection: str = "global"
 
 
 def table(rows: list[dict]) -> str:
-    from speft.report.tables import markdown_table
 
     header = ["metric A", "metric B", "IoU of selected sets", "Spearman ρ (mean over modules)", "Spearman ρ (min)"]
     body = [[r["a"], r["b"], *(f"{r[k]:.4f}" for k in ("iou", "spearman_mean", "spearman_min"))] for r in rows]
@@ -162,7 +162,7 @@ def read_json(path: Path) -> dict:
     record = json.loads(Path(path).read_text())
     missing = [k for k in ("labels", "iou") if k not in record]
     if missing:
-        raise ValueError(f"{path}: not an overlap JSON (python -m speft.analysis.overlap --json); "
+        raise ValueError(f"{path}: not an overlap JSON (python -m speft.report.overlap --json); "
                          f"it lacks {', '.join(missing)}")
     for key in ("iou", "spearman_mean", "spearman_min"):
         if key in record:
@@ -171,7 +171,7 @@ def read_json(path: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m speft.analysis.overlap", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m speft.report.overlap", description=__doc__.split("\n")[0])
     parser.add_argument("inputs", nargs="+", type=Path, help="run folders or score files (.safetensors)")
     parser.add_argument("--density", default="0.01", help="fraction, count or lora:<r> (default 0.01)")
     parser.add_argument("--selection", default="global", choices=sorted(SELECTIONS))
