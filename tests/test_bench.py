@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from speft.bench import build, configurations, grad_masks, main, parse_args, scoring_setup, structure
 from speft.models.loading import find_targets
+from speft.tools.bench import build, configurations, grad_masks, main, parse_args, scoring_setup, structure
 
 TINY = ["--shape", "tiny", "--batch", "2", "--seq", "8", "--steps", "1", "--warmup", "0", "--device", "cpu"]
 # LoRA rank r on q,k,v,o,gate,up,down of 2 tiny layers: r·(in+out) summed
@@ -142,7 +142,7 @@ def test_bad_arguments_fail_early(bad, capsys):
 
 
 def test_masks_file_caches_grad_masks_for_the_same_key_only(data_dir, tmp_path, monkeypatch):
-    import speft.bench as bench
+    import speft.tools.bench as bench
 
     calls = []
     real = bench.grad_masks
@@ -158,7 +158,7 @@ def test_masks_file_caches_grad_masks_for_the_same_key_only(data_dir, tmp_path, 
 
 
 def test_table_has_one_line_per_row_with_its_ratios_and_errors(tmp_path):
-    from speft.bench import markdown_table
+    from speft.tools.bench import markdown_table
 
     rows = [{"method": "frozen", "step_s": 2.0, "peak_memory_mb": 100.0, "step_vs_frozen": 1.0, "shape": "tiny",
              "batch": 2, "seq": 8, "threads": 1, "repeats": 3},
@@ -184,11 +184,11 @@ def test_peak_memory_is_the_workers_own_not_its_parents():
     import subprocess
     import sys
 
-    from speft.bench import peak_rss_mb
+    from speft.tools.bench import peak_rss_mb
 
     big = torch.ones(256 * 2**20)  # 1 GiB held by this (parent) process while the child runs
     assert peak_rss_mb() > 1024
-    code = "from speft.bench import peak_rss_mb; print(peak_rss_mb())"
+    code = "from speft.tools.bench import peak_rss_mb; print(peak_rss_mb())"
     child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                  env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout)
     assert 10 < child < 900, child  # torch imported, nothing of the parent's gigabyte
@@ -197,8 +197,8 @@ def test_peak_memory_is_the_workers_own_not_its_parents():
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_values_gradient_timer_sums_each_call_and_never_synchronises_a_cuda_step(device, monkeypatch):
-    from speft.bench import ValuesGradTimer
     from speft.sparse import layer as sparse_layer
+    from speft.tools.bench import ValuesGradTimer
 
     monkeypatch.setattr(sparse_layer.GradPlan, "values_grad", sparse_layer.GradPlan.values_grad)  # restored after
 
@@ -228,7 +228,7 @@ def test_values_gradient_timer_sums_each_call_and_never_synchronises_a_cuda_step
 
 
 def test_target_layer_shapes_are_the_targets_of_the_shapes_model():
-    from speft.bench import target_layer_shapes
+    from speft.tools.bench import target_layer_shapes
 
     shapes = target_layer_shapes("tiny")  # 2 layers of q,k,v,o,gate,up,down
     assert sorted(shapes.values()) == sorted(TINY_SHAPES * 2)

@@ -1,6 +1,6 @@
-"""Checkpoint size and write time (speft.train.checkpoint) for a model shape of ``speft.bench``.
+"""Checkpoint size and write time (speft.train.checkpoint) for a model shape of ``speft.tools.bench``.
 
-Builds the shape's model with random weights as ``python -m speft.bench`` does (sparse: a random mask at
+Builds the shape's model with random weights as ``python -m speft.tools.bench`` does (sparse: a random mask at
 ``density=lora:<rank>``, the same entry count as a salience mask), trains a few steps with AdamW so the
 optimizer holds its moments, then writes the run's checkpoint content (trainable state, optimizer,
 RNG states) with :func:`speft.train.checkpoint.save` ``--writes`` times and prints one JSON line:
@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from speft import bench  # noqa: E402
+from speft.tools import bench  # noqa: E402
 from speft.train import checkpoint  # noqa: E402
 
 

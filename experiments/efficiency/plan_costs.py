@@ -3,7 +3,7 @@
 and fits the sampled product's per-entry cost (PLAN_COSTS['cpu'].sampled in speft/sparse/layer.py).
 
 Usage: python experiments/efficiency/plan_costs.py <masks file> [<masks file> ...]
-(files written by ``speft.bench --masks-file``; SmolLM2-135M and MiniLM shapes). One JSON line per file and rank.
+(files written by ``speft.tools.bench --masks-file``; SmolLM2-135M and MiniLM shapes). One JSON line per file and rank.
 """
 import json
 import statistics
@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from speft.bench import target_layer_shapes
 from speft.sparse.layer import candidate_plans
+from speft.tools.bench import target_layer_shapes
 
 torch.set_num_threads(1)
 

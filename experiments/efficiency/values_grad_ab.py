@@ -2,7 +2,7 @@
 tokens, all linear layers) on a stored grad mask, one thread, both variants in one process, interleaved
 (4 rounds × 1 timed step each after a warm-up step); prints the median step and values' gradient seconds.
 
-Usage: python experiments/efficiency/values_grad_ab.py <masks file written by speft.bench --masks-file> <rank>
+Usage: python experiments/efficiency/values_grad_ab.py <masks file written by speft.tools.bench --masks-file> <rank>
 """
 import dataclasses
 import json
@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from speft import bench
 from speft.sparse import layer as sparse_layer
+from speft.tools import bench
 
 torch.set_num_threads(1)
 path, rank = sys.argv[1], int(sys.argv[2])

@@ -1,15 +1,15 @@
 """Side by side, interleaved, one thread: the values' gradient of all SmolLM2-135M target layers with
 the chosen plans vs the dense product, 512 tokens, on the grad masks a bench run stored.
 
-Usage: python experiments/efficiency/wgrad_cost.py <masks file written by speft.bench --masks-file>
+Usage: python experiments/efficiency/wgrad_cost.py <masks file written by speft.tools.bench --masks-file>
 """
 import sys
 import time
 
 import torch
 
-from speft.bench import target_layer_shapes
 from speft.sparse.layer import build_plan, candidate_plans
+from speft.tools.bench import target_layer_shapes
 
 torch.set_num_threads(1)
 saved = torch.load(sys.argv[1])["masks"]

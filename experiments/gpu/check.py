@@ -6,7 +6,7 @@
 Checks, in order (each in its own process; a failing check is recorded and the next one runs):
 
 * ``env``: torch, CUDA and the GPUs (name, memory), transformers, speft's git revision;
-* ``bench/<shape>``: ``python -m speft.bench`` in bf16 (sparse, LoRA, frozen; full on the small shape): step
+* ``bench/<shape>``: ``python -m speft.tools.bench`` in bf16 (sparse, LoRA, frozen; full on the small shape): step
   times by CUDA events and peak CUDA memory, with the ratios to LoRA and to the frozen floor; SmolLM2-135M's
   shape and a 1B Llama shape;
 * ``train/gsm8k``: a short GSM8K training and evaluation of the packaged SmolLM2-135M on the device
@@ -66,7 +66,7 @@ def bench(shape: str, device: str, quick: bool, quantization: str = "none") -> d
     methods = "sparse,lora" if quick else "sparse,lora,frozen" + (",full" if shape == "smollm2-135m" else "")
     if quantization != "none":
         methods = "sparse,lora,frozen"
-    cmd = [sys.executable, "-m", "speft.bench", "--shape", shape, "--device", device, "--rank", "16",
+    cmd = [sys.executable, "-m", "speft.tools.bench", "--shape", shape, "--device", device, "--rank", "16",
            "--methods", methods, "--dtype", "float32" if device == "cpu" else "bfloat16",
            "--steps", "1" if quick else "10", "--warmup", "0" if quick else "3", "--quantization", quantization]
     rc, out, err, seconds = run(cmd, 600)

@@ -1,4 +1,4 @@
-"""Cost tables: the efficiency benchmark's JSONL (``python -m speft.bench``) and the timings and peak
+"""Cost tables: the efficiency benchmark's JSONL (``python -m speft.tools.bench``) and the timings and peak
 memory that every run records in its results.json.
 """
 
@@ -30,7 +30,8 @@ def load_bench(path: str | Path) -> pd.DataFrame:
     """One row per JSON line of a benchmark file (``experiments/efficiency/bench_*.jsonl``)."""
     path = Path(path)
     if not path.exists():
-        raise ReportError(f"{path}: no such benchmark file (python -m speft.bench writes one JSON line per method)")
+        raise ReportError(f"{path}: no such benchmark file "
+                          f"(python -m speft.tools.bench writes one JSON line per method)")
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     if not lines:
         raise ReportError(f"{path}: empty benchmark file")

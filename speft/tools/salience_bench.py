@@ -1,6 +1,6 @@
 """Benchmark: time and peak memory of each salience metric relative to training passes.
 
-    python -m speft.salience.bench [--model minilm|smollm2] [--batch B] [--seq T] [--examples N]
+    python -m speft.tools.salience_bench [--model minilm|smollm2] [--batch B] [--seq T] [--examples N]
                                    [--metrics grad,fisher,...] [--targets attention]
 
 Models: ``minilm`` is the packaged MiniLM-L6 with a 2-label classification head; ``smollm2`` is the
@@ -111,7 +111,7 @@ def measure(args: argparse.Namespace, what: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m speft.salience.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m speft.tools.salience_bench", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="minilm", choices=sorted(DEFAULTS))
     parser.add_argument("--batch", type=int, help="examples per pass (default: per model)")
     parser.add_argument("--seq", type=int, help="tokens per example (default: per model)")
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
               "--examples", str(args.examples), "--targets", args.targets]
     results: dict[str, dict] = {}
     for what in ["train", *[m for m in args.metrics.split(",") if m]]:
-        proc = subprocess.run([sys.executable, "-m", "speft.salience.bench", *common, "--child", what],
+        proc = subprocess.run([sys.executable, "-m", "speft.tools.salience_bench", *common, "--child", what],
                               capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         if proc.returncode != 0:
             raise SystemExit(f"{what} failed:\n{proc.stderr[-3000:]}")

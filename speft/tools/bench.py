@@ -1,6 +1,6 @@
 """Efficiency benchmark: step time and peak memory of sparse, LoRA, full and frozen training.
 
-``python -m speft.bench`` trains a few steps of a model of a given shape with each method in its own
+``python -m speft.tools.bench`` trains a few steps of a model of a given shape with each method in its own
 process and prints one JSON line per method, budget and mask with the median step time, peak memory
 (RSS on CPU, peak CUDA allocation on GPU), the trainable count, the ratios to LoRA at the same rank
 and to the frozen floor, and, for sparse, the structured fraction: the share of the dense weight
@@ -74,7 +74,7 @@ def _ints(text: str) -> list[int]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m speft.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m speft.tools.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES), help="model shape (random weights)")
     p.add_argument("--batch", type=int, default=None, help="sequences per step (default: per shape)")
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: per shape)")
@@ -480,7 +480,7 @@ def main(argv=None) -> list[dict]:
         print(json.dumps(topk_worker(args)), flush=True)
         return []
     if args.topk_scores:
-        rows = [_subprocess_json([sys.executable, "-m", "speft.bench", f"--topk-scores={args.topk_scores}",
+        rows = [_subprocess_json([sys.executable, "-m", "speft.tools.bench", f"--topk-scores={args.topk_scores}",
                                   f"--topk-worker={w}"]) for w in ("speft", "concat")]
         for row in rows:
             print(json.dumps(row), flush=True)
@@ -504,7 +504,7 @@ def main(argv=None) -> list[dict]:
             for method, rank, mask in configs:
                 extra = [f"--mask-file={mask_files[rank]}"] if mask == "grad" else []
                 run = _subprocess_json(
-                    [sys.executable, "-m", "speft.bench", *common, f"--rank={rank}", *extra, "--worker", method])
+                    [sys.executable, "-m", "speft.tools.bench", *common, f"--rank={rank}", *extra, "--worker", method])
                 runs[(method, rank, mask)].append(run)
                 print(json.dumps({"run": method, "rank": rank, "mask": mask, **run}), file=sys.stderr, flush=True)
     rows = [{"method": c[0], **summarise(runs[c])} for c in configs]
