@@ -236,6 +236,15 @@ def build_plan(indices: torch.Tensor, shape: tuple[int, int]) -> GradPlan:
     return min(candidate_plans(indices, shape), key=lambda pc: pc[1])[0]  # ties: the first (dense)
 
 
+def _values_grad(plan: GradPlan, grad_out: torch.Tensor, x: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """α times the values' gradient, from the plan's blocks (fp32; an empty plan has none to form)."""
+    if not plan.active:
+        return torch.zeros(0, dtype=torch.float32, device=grad_out.device)
+    g2 = grad_out.reshape(-1, grad_out.shape[-1])
+    grad = plan.values_grad(g2, x.reshape(-1, x.shape[-1])).float()
+    return grad.mul_(scaling) if scaling != 1.0 else grad
+
+
 class _SparseDeltaLinear(torch.autograd.Function):
     """F.linear over the merged weight. Backward forms the values' gradient from the plan's blocks;
     the dense weight gradient is formed (and the values read from it) only when the weight asks for
@@ -260,13 +269,10 @@ class _SparseDeltaLinear(torch.autograd.Function):
             grad_weight = g2.t().mm(x.reshape(-1, x.shape[-1]))
             if ctx.needs_input_grad[1]:
                 grad_values = grad_weight.view(-1).index_select(0, plan.idx).float()
+                if ctx.scaling != 1.0:
+                    grad_values.mul_(ctx.scaling)
         elif ctx.needs_input_grad[1]:
-            if plan.active:
-                grad_values = plan.values_grad(g2, x.reshape(-1, x.shape[-1])).float()
-            else:
-                grad_values = torch.zeros(0, dtype=torch.float32, device=grad_out.device)
-        if grad_values is not None and ctx.scaling != 1.0:
-            grad_values.mul_(ctx.scaling)
+            grad_values = _values_grad(plan, grad_out, x, ctx.scaling)
         if ctx.needs_input_grad[3]:
             grad_bias = g2.sum(0)
         return grad_x, grad_values, grad_weight, grad_bias, None, None
@@ -290,11 +296,7 @@ class _SparseDelta(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad_out @ _dense(values, plan.idx, ctx.shape, ctx.scaling, grad_out.dtype)
         if ctx.needs_input_grad[1]:
-            if plan.active:
-                g2 = grad_out.reshape(-1, grad_out.shape[-1])
-                grad_values = plan.values_grad(g2, x.reshape(-1, x.shape[-1])).float().mul_(ctx.scaling)
-            else:
-                grad_values = torch.zeros(0, dtype=torch.float32, device=grad_out.device)
+            grad_values = _values_grad(plan, grad_out, x, ctx.scaling)
         return grad_x, grad_values, None, None, None
 
 
@@ -318,11 +320,7 @@ class _QuantizedDeltaLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad_out @ _with_delta(ctx.base, values, plan.idx, ctx.scaling, grad_out.dtype)
         if ctx.needs_input_grad[1]:
-            if plan.active:
-                g2 = grad_out.reshape(-1, grad_out.shape[-1])
-                grad_values = plan.values_grad(g2, x.reshape(-1, x.shape[-1])).float().mul_(ctx.scaling)
-            else:
-                grad_values = torch.zeros(0, dtype=torch.float32, device=grad_out.device)
+            grad_values = _values_grad(plan, grad_out, x, ctx.scaling)
         return grad_x, grad_values, None, None, None
 
 
