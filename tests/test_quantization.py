@@ -212,8 +212,10 @@ def test_a_sparse_run_on_nf4_records_it_and_saves_an_adapter_that_reloads_and_me
     torch.testing.assert_close(merged, want, rtol=2e-3, atol=2e-3)
 
 
-def test_lora_on_nf4_trains_as_qlora(tmp_path):
-    result = run(compose_cfg("debug=fast", "logger=none", "model.quantization=nf4", "method=lora"), run_dir=tmp_path)
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_the_lora_family_on_nf4_trains_as_qlora(method, tmp_path):
+    result = run(compose_cfg("debug=fast", "logger=none", "model.quantization=nf4", f"method={method}"),
+                 run_dir=tmp_path)
     assert result.results["status"] == "completed"
     lora = [m for n, m in result.model.named_modules() if n.endswith("attention.self.query")][0]
     assert is_quantized(lora.base_layer) and result.results["trainable"]["adapter"] > 0
