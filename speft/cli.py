@@ -91,7 +91,7 @@ class PreflightCallback(Callback):
 
 def dry_run_report(plan: Plan) -> str:
     spec = plan.spec
-    budget = "all weights" if plan.budget is None else f"{plan.budget:,} trainable entries"
+    budget = "all weights" if plan.entries is None else f"{plan.entries:,} trainable entries"
     lines = [f"dry run: model={spec.model.name} task={spec.task.name} method={spec.method.name}: {budget} in "
              f"{len(plan.shapes)} target modules"]
     return "\n".join(lines + (plan.memory.lines() if plan.memory is not None else []))

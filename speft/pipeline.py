@@ -55,7 +55,7 @@ class Plan:
     spec: Spec
     task: Any
     shapes: dict[str, tuple[int, int]]
-    budget: int | None  # trainable entries of the target modules; None for methods without salience
+    entries: int | None  # trainable entries `density` gives the target modules; None: full and head_only
     config: dict  # the resolved config, as results.json records it
     previous: dict | None = None
     resume: dict | None = None  # the latest checkpoint's record and content (``state``) to continue from
@@ -353,10 +353,9 @@ def _execute(plan: Plan, run_dir: Path, logger, record: RunRecord, timings: dict
     """The run's steps, in order; returns the final metrics and the trained model."""
     from transformers import set_seed
 
-    spec, k = plan.spec, plan.budget
-    method, metric, mask = (registry.get(g, getattr(spec, g).name).obj(getattr(spec, g))
-                            for g in ("method", "metric", "mask"))
-    mask.budget = spec.budget  # local selection: per-module counts follow the budget's form
+    spec, k = plan.spec, plan.entries
+    method, metric = (registry.get(g, getattr(spec, g).name).obj(getattr(spec, g)) for g in ("method", "metric"))
+    mask = registry.get("mask", spec.mask.name).obj(spec.mask, spec.budget)  # local counts follow its form
     if spec.trainer.num_threads:
         torch.set_num_threads(spec.trainer.num_threads)
     set_seed(spec.seed)
@@ -490,7 +489,7 @@ def make_trainable(state: RunState, method, mask, scorer: Scorer | None, k, shap
     if spec.trainer.max_steps == 0 and method.uses_salience:
         log.info("trainer.max_steps=0: the sparse delta is selected but stays zero (the model as loaded)")
     ctx = PrepareContext(model=state.model, targets=state.targets, family=spec.model.family,
-                         new_head=state.task.new_head, budget=k, mask=mask, scorer=scorer, timings=state.timings)
+                         new_head=state.task.new_head, entries=k, mask=mask, scorer=scorer, timings=state.timings)
     prepared = method.prepare(ctx, spec.trainer.lr, spec.trainer.head_lr or spec.trainer.lr)
     target_total = sum(o * i for o, i in shapes.values())
     state.record.update(

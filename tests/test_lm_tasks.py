@@ -245,7 +245,7 @@ def test_mmlu_end_to_end_and_zero_shot(tiny_lm, tmp_path):
 
 def test_preflight_plans_a_gguf_model_without_de_quantising_it(tmp_path):
     plan = preflight(compose_cfg("task=gsm8k", "model=smollm2_135m", f"paths.cache_dir={tmp_path}"), tmp_path / "run")
-    assert len(plan.shapes) == 30 * 4 and plan.budget == 8 * sum(o + i for o, i in plan.shapes.values())
+    assert len(plan.shapes) == 30 * 4 and plan.entries == 8 * sum(o + i for o, i in plan.shapes.values())
     assert not (tmp_path / "models").exists() and not (tmp_path / "run").exists()
 
 

@@ -65,7 +65,7 @@ def setup_runtime(schedule, score_fn, k=12):
         opt.step()
         opt.zero_grad()
     scorer = SimpleNamespace(rescore=lambda model, targets, n: score_fn(n))  # the run's Scorer, faked
-    schedule.bind(MaskRuntime(model, layers, opt, total_steps=100, budget=k, scorer=scorer))
+    schedule.bind(MaskRuntime(model, layers, opt, total_steps=100, entries=k, scorer=scorer))
     return model, layers, opt, original
 
 

@@ -30,7 +30,7 @@ def test_the_components_are_the_direct_counts(method, tmp_path):
     params = sum(p.numel() for p in meta.parameters())
     assert est.weights == est.loading == 4 * params  # fp32 MiniLM
     head = sum(p.numel() for p in head_parameters(meta, "bert").values())
-    k = plan.budget or 0  # None: density does not apply (full, head_only)
+    k = plan.entries or 0  # None: density does not apply (full, head_only)
     expected = {"sparse": k * (4 + 4 + 8 + 4) + head * 12, "lora": k * 16 + head * 12,  # values, grad, AdamW, index
                 "full": params * 12, "head_only": head * 12}[method]
     assert est.trainable == expected

@@ -77,7 +77,7 @@ def test_density_sets_the_lora_rank_in_preflight(density, rank, tmp_path):
     for name in ("lora", "pissa", "dora"):
         plan = preflight(compose_cfg(f"method={name}", f"density={density}"), tmp_path)
         assert plan.spec.method.rank == rank and plan.config["method"]["rank"] == rank
-        assert plan.budget == rank * PER_RANK
+        assert plan.entries == rank * PER_RANK
 
 
 def test_a_budget_lora_cannot_meet_and_a_contradicting_rank_are_refused(tmp_path):

@@ -148,8 +148,7 @@ def test_the_mask_passes_the_budget_form_to_the_local_selection():
     from speft.config import Budget
     from speft.masks.static import StaticMask, StaticMaskConfig
 
-    mask = StaticMask(StaticMaskConfig(selection="local"))
-    mask.budget = Budget.parse(40)
+    mask = StaticMask(StaticMaskConfig(selection="local"), Budget.parse(40))
     assert [len(v) for v in mask.select(unequal_scores(), 40).values()] == [10, 10, 10, 10]
-    mask.budget = Budget.parse("lora:1")
+    mask = StaticMask(StaticMaskConfig(selection="local"), Budget.parse("lora:1"))
     assert [len(v) for v in mask.select(unequal_scores(), 64).values()] == [20, 12, 12, 20]

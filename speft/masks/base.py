@@ -15,7 +15,7 @@ import torch
 from omegaconf import MISSING
 from torch import nn
 
-from speft.config import check_choice
+from speft.config import Budget, check_choice
 from speft.masks.selection import SELECTIONS, select
 from speft.sparse.layer import VALUES_GROUP
 
@@ -42,7 +42,7 @@ class MaskRuntime:
     layers: dict  # target name -> SparseDeltaLinear
     optimizer: torch.optim.Optimizer
     total_steps: int
-    budget: int
+    entries: int  # trainable entries the mask keeps (the budget's count)
     scorer: Scorer  # the run's scorer (speft.salience.scorer)
     initial: dict[str, torch.Tensor] = field(default_factory=dict)  # the initial mask, per module
     batches_per_epoch: int = 0  # micro-batches per epoch (0: unknown); mask=dynamic mode=released counts them
@@ -61,10 +61,10 @@ class MaskSchedule:
     dynamic = False
     quantized_refusal: Optional[str] = None  # why the mask cannot run on a quantized base (None: it can)
 
-    def __init__(self, cfg: MaskConfig) -> None:
+    def __init__(self, cfg: MaskConfig, budget: Budget | None = None) -> None:
         self.cfg = cfg
         self.runtime: MaskRuntime | None = None
-        self.budget = None  # the run's Budget (its form sets local per-module counts); None: a fraction
+        self.budget = budget  # the run's density (its form sets local per-module counts); None: a fraction
 
     def select(self, scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
         return select(self.cfg.selection, scores, k, self.budget)

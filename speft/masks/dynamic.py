@@ -75,6 +75,6 @@ class DynamicMask(ReselectMask):
             return None
         t0 = time.perf_counter()
         kept = self.restart({name: layer.indices.long() for name, layer in rt.layers.items()})
-        return {"step": step, "kind": "merge_reset", "kept": kept, "changed": rt.budget - kept,
+        return {"step": step, "kind": "merge_reset", "kept": kept, "changed": rt.entries - kept,
                 "overlap_initial": round(self.overlap_with_initial(), 6),
                 "seconds": round(time.perf_counter() - t0, 3)}

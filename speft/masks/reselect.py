@@ -57,9 +57,9 @@ class ReselectMask(MaskSchedule):
             return None
         t0 = time.perf_counter()
         scores = rt.score(self.cfg.num_score_examples)
-        indices = self.select(scores, rt.budget)
+        indices = self.select(scores, rt.entries)
         del scores
         kept = self.restart(indices)
-        return {"step": step, "kind": "reselect", "kept": kept, "changed": rt.budget - kept,
+        return {"step": step, "kind": "reselect", "kept": kept, "changed": rt.entries - kept,
                 "overlap_initial": round(self.overlap_with_initial(), 6),
                 "seconds": round(time.perf_counter() - t0, 3)}

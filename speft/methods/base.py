@@ -35,7 +35,7 @@ class PrepareContext:
     targets: dict[str, nn.Linear]
     family: str
     new_head: bool = True  # False: the head is pretrained (a causal LM's lm_head) and stays frozen
-    budget: Optional[int] = None  # trainable entries in the target modules (salience methods)
+    entries: Optional[int] = None  # trainable entries in the target modules (salience methods)
     mask: Any = None  # MaskSchedule (salience methods)
     scorer: Optional[Scorer] = None  # salience scores (speft.salience.scorer); None for methods without salience
     timings: dict[str, float] = field(default_factory=dict)

@@ -43,7 +43,7 @@ class Sparse(Method):
         with timed(ctx.timings, "scoring_s"):
             scores = ctx.scorer.score(ctx.model, ctx.targets)
         with timed(ctx.timings, "selection_s"):
-            indices = ctx.mask.select(scores, ctx.budget)
+            indices = ctx.mask.select(scores, ctx.entries)
         del scores
         freeze_all(ctx.model)
         layers = inject(ctx.model, indices, self.cfg.scaling, self.cfg.dropout)
