@@ -56,10 +56,9 @@ def micro_batches_in_epoch(step: int, runtime: MaskRuntime) -> tuple[int, int]:
 class DynamicMask(ReselectMask):
     dynamic = True
 
-    def bind(self, runtime: MaskRuntime) -> None:
+    def warn_unless_it_fires(self, runtime: MaskRuntime) -> None:
         if self.cfg.mode == "paper":
-            return super().bind(runtime)
-        super(ReselectMask, self).bind(runtime)
+            return super().warn_unless_it_fires(runtime)
         micro = runtime.total_steps * runtime.grad_accum_steps
         reach = min(micro, runtime.batches_per_epoch) if runtime.batches_per_epoch else micro
         warn_if_never_fires("dynamic mask.mode=released", self.cfg.update_every_steps, reach,

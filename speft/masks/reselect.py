@@ -35,6 +35,10 @@ class ReselectMask(MaskSchedule):
 
     def bind(self, runtime: MaskRuntime) -> None:
         super().bind(runtime)
+        self.warn_unless_it_fires(runtime)
+
+    def warn_unless_it_fires(self, runtime: MaskRuntime) -> None:
+        """A warning when the schedule would never change the mask in this run (its interval too long)."""
         warn_if_never_fires(self.cfg.name, self.cfg.update_every_steps, runtime.total_steps, "optimizer steps")
 
     def restart(self, indices: dict[str, torch.Tensor]) -> int:
