@@ -286,13 +286,15 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def test_hook(micro: int) -> None:
-    """For the resume tests only: ``SPEFT_TEST_SIGNAL_AT_MICRO=<n>:<SIGNAL>[:<rank>]`` makes the process
-    send itself a real signal (SIGKILL, SIGTERM, ...) right after micro-batch ``n`` (counted from the start
-    of training) has been through forward and backward; with a rank, only that data-parallel rank does."""
+def test_signal() -> tuple[int, int] | None:
+    """For the resume tests only: ``SPEFT_TEST_SIGNAL_AT_MICRO=<n>:<SIGNAL>[:<rank>]`` makes the process send
+    itself a real signal (SIGKILL, SIGTERM, ...) right after micro-batch ``n`` (counted from the start of training)
+    has been through forward and backward; with a rank, only that data-parallel rank does. Read once when training
+    starts: (micro-batch, signal number) for this rank, or None (the loop then checks nothing)."""
     spec = os.environ.get("SPEFT_TEST_SIGNAL_AT_MICRO")
     if not spec:
-        return
+        return None
     at, name, rank = (spec.split(":") + ["", ""])[:3]
-    if micro == int(at) and (not rank or int(rank) == int(os.environ.get("RANK", "0"))):
-        os.kill(os.getpid(), getattr(signal, name or "SIGKILL"))
+    if rank and int(rank) != int(os.environ.get("RANK", "0")):
+        return None
+    return int(at), getattr(signal, name or "SIGKILL")

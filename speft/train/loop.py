@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -24,7 +25,13 @@ from tqdm.auto import tqdm
 
 from speft.config import TrainerConfig
 from speft.distributed import SHARE, SINGLE, Dist
-from speft.train.checkpoint import Interrupted, StopRequest, rng_state, set_rng_state, test_hook
+from speft.train.checkpoint import (
+    Interrupted,
+    StopRequest,
+    rng_state,
+    set_rng_state,
+    test_signal,
+)
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +189,7 @@ def train(
     if on_start is not None:
         on_start(optimizer, steps)
     state = TrainState()
+    signal_at = test_signal()
     ck = checkpointing
     resume = ck.resume if ck is not None else None
     running, n_running, epoch_rng, own = 0.0, 0, None, None
@@ -245,7 +253,8 @@ def train(
             n_running += 1
             state.micro += 1
             state.batch_in_epoch += 1
-            test_hook(state.micro)
+            if signal_at is not None and state.micro == signal_at[0]:  # the resume tests' real signal
+                os.kill(os.getpid(), signal_at[1])
             if state.micro % cfg.grad_accum_steps:
                 continue
             params = [p for g in optimizer.param_groups for p in g["params"]]
