@@ -100,12 +100,16 @@ def test_a_killed_run_resumes_bit_for_bit(case, tmp_path):
 
 
 def test_a_second_ctrl_c_stops_at_once():
-    with StopRequest() as stop:
-        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # the first: noted, training goes on
-        assert stop.signum == signal.SIGINT
-        with pytest.raises(KeyboardInterrupt):
-            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (xdist workers ignore it)
+    try:
+        with StopRequest() as stop:
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # the first: noted, training goes on
+            assert stop.signum == signal.SIGINT
+            with pytest.raises(KeyboardInterrupt):
+                signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 def test_bad_checkpoints_and_other_configs_are_refused_by_name(tmp_path, monkeypatch):
