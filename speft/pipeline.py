@@ -85,12 +85,11 @@ def check_combination(spec: Spec, task) -> None:
 
 
 def check_quantized_base(spec: Spec, method_cls, mask_cls) -> None:
-    """A quantized base trains only with the components that can run on it (each says why it cannot)."""
+    """A quantized base trains only with the methods and masks that can run on it (each says why it cannot; every
+    metric can)."""
     if spec.model.quantization == "none":
         return
-    parts = [("method", method_cls)]
-    if method_cls.uses_salience:
-        parts += [("metric", registry.get("metric", spec.metric.name).obj), ("mask", mask_cls)]
+    parts = [("method", method_cls)] + ([("mask", mask_cls)] if method_cls.uses_salience else [])
     for group, cls in parts:
         if cls.quantized_refusal is not None:
             name = getattr(spec, group).name

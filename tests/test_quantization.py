@@ -149,8 +149,6 @@ def test_a_quantized_base_keeps_its_head_and_embeddings_in_float(bases):
 @pytest.mark.parametrize("name", registry.names("metric"))
 def test_every_metric_scores_a_quantized_base_as_its_dequantized_weights(name, bases):
     quantized, twin, plain = bases
-    if registry.get("metric", name).obj.quantized_refusal is not None:
-        pytest.skip(f"metric={name} is refused on a quantized base")
     layer = quantized.bert.encoder.layer[0].attention.self.query
     got, want = scores(name, quantized), scores(name, twin)
     for module in want:
@@ -241,7 +239,7 @@ def test_pissa_on_nf4_is_qpissa_the_checkpoints_svd_and_a_requantized_residual(b
 
 
 def refusals() -> list[tuple[str, str]]:
-    return [(group, name) for group in ("method", "metric", "mask") for name in registry.names(group)
+    return [(group, name) for group in ("method", "mask") for name in registry.names(group)
             if registry.get(group, name).obj.quantized_refusal is not None]
 
 

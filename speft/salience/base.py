@@ -57,7 +57,6 @@ class SalienceMetric:
 
     sample_factor = 1  # scoring examples drawn per `num_score_examples` (GraSP: 2, one half for g, one for H)
     data_free = False  # True when the scores do not depend on the examples (SynFlow)
-    quantized_refusal: Optional[str] = None  # why the metric cannot score a quantized base (None: it can)
     needs_float_weights = False  # True: scores a quantized base on its de-quantized weights (SynFlow, GraSP)
 
     def __init__(self, cfg: MetricConfig) -> None:

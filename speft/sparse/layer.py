@@ -245,6 +245,15 @@ def _values_grad(plan: GradPlan, grad_out: torch.Tensor, x: torch.Tensor | None,
     return grad.mul_(scaling) if scaling != 1.0 else grad
 
 
+def _delta_backward(ctx, grad_out: torch.Tensor, weight) -> tuple:
+    """(input's, values') gradients of y = x @ Wᵀ when W is formed from the values (``weight(values, dtype)``):
+    the unmerged paths, whose dense W is formed again here rather than kept from forward."""
+    x, values = ctx.saved_tensors
+    grad_x = grad_out @ weight(values, grad_out.dtype) if ctx.needs_input_grad[0] else None
+    grad_values = _values_grad(ctx.plan, grad_out, x, ctx.scaling) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_values
+
+
 class _SparseDeltaLinear(torch.autograd.Function):
     """F.linear over the merged weight. Backward forms the values' gradient from the plan's blocks;
     the dense weight gradient is formed (and the values read from it) only when the weight asks for
@@ -290,14 +299,8 @@ class _SparseDelta(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, values = ctx.saved_tensors
-        plan = ctx.plan
-        grad_x = grad_values = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ _dense(values, plan.idx, ctx.shape, ctx.scaling, grad_out.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_values = _values_grad(plan, grad_out, x, ctx.scaling)
-        return grad_x, grad_values, None, None, None
+        return *_delta_backward(ctx, grad_out, lambda values, dtype: _dense(values, ctx.plan.idx, ctx.shape,
+                                                                            ctx.scaling, dtype)), None, None, None
 
 
 class _QuantizedDeltaLinear(torch.autograd.Function):
@@ -314,14 +317,8 @@ class _QuantizedDeltaLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, values = ctx.saved_tensors
-        plan = ctx.plan
-        grad_x = grad_values = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ _with_delta(ctx.base, values, plan.idx, ctx.scaling, grad_out.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_values = _values_grad(plan, grad_out, x, ctx.scaling)
-        return grad_x, grad_values, None, None, None
+        return *_delta_backward(ctx, grad_out, lambda values, dtype: _with_delta(ctx.base, values, ctx.plan.idx,
+                                                                                 ctx.scaling, dtype)), None, None, None
 
 
 def _with_delta(base: nn.Module, values, indices, scaling, dtype) -> torch.Tensor:
