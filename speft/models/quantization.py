@@ -24,6 +24,7 @@ from torch import nn
 from speft.registry import ConfigError
 
 QUANTIZATIONS = ("none", "nf4", "int8")
+PACKED = ("Params4bit", "Int8Params")  # bitsandbytes' quantized weight types
 BNB_PIN = "bitsandbytes==0.50.2"
 NF4_BLOCK = 64  # weights per absmax (bitsandbytes' 4-bit blocksize)
 DOUBLE_QUANT_BLOCK = 256  # absmax per second-level fp32 constant (double quantization: absmax in 8 bits)
@@ -51,7 +52,7 @@ def bnb_config(quantization: str, dtype: torch.dtype, skip: tuple[str, ...]):
 
 def is_quantized(module: nn.Module) -> bool:
     """A bitsandbytes linear layer (its weight packed: 4-bit or int8 with per-row scales)."""
-    return type(getattr(module, "weight", None)).__name__ in ("Params4bit", "Int8Params")
+    return type(getattr(module, "weight", None)).__name__ in PACKED
 
 
 def weight_shape(module: nn.Module) -> tuple[int, int]:
@@ -88,10 +89,9 @@ def release_checkpoint(model: nn.Module) -> None:
     """On the host: copy the parameters left in float (embeddings, norms, head) out of the checkpoint's memory map.
     transformers maps the safetensors file and quantizes from it, touching every page; as long as one loaded tensor
     still views the map, all those pages stay resident (on SmolLM2-135M: 520 MB beside a 160 MB model)."""
-    for module in model.modules():
-        if not is_quantized(module):
-            for p in module.parameters(recurse=False):
-                p.data = p.data.clone()
+    for p in model.parameters():
+        if type(p).__name__ not in PACKED:  # the quantized layers' biases too
+            p.data = p.data.clone()
 
 
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
