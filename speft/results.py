@@ -34,12 +34,8 @@ def higher_is_better(key: str) -> bool:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2, default=_jsonable)
-            f.write("\n")
-
-    atomic_write(path, write)
+    text = json.dumps(data, indent=2, default=_jsonable) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _jsonable(obj):
@@ -76,14 +72,15 @@ def versions() -> dict[str, str]:
     return out
 
 
-def git_state() -> tuple[str | None, bool | None]:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                          timeout=10, check=True).stdout.strip()
 
+
+def git_state() -> tuple[str | None, bool | None]:
     try:
-        sha = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        sha = _git("rev-parse", "HEAD")
+        dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
         return sha, dirty
     except (OSError, subprocess.SubprocessError):
         return None, None

@@ -21,6 +21,7 @@ from speft.train import checkpoint
 from speft.train.checkpoint import CheckpointError, Interrupted, StopRequest
 
 from .conftest import ROOT, compose_cfg
+from .signals import child_env, signal_after
 
 # A few seconds per run on MiniLM: 8 micro-batches per pass (an optimizer step straddles a pass's end
 # with accumulation), validation every 2 steps, a checkpoint after every step (keep 2).
@@ -48,10 +49,7 @@ CASES = {
 
 
 def cli(run_dir: Path, overrides: list[str], kill: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
-    env.pop("SPEFT_TEST_SIGNAL_AT_MICRO", None)
-    if kill:
-        env["SPEFT_TEST_SIGNAL_AT_MICRO"] = kill
+    env = child_env({**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}, kill)
     cmd = [sys.executable, "run.py", *overrides, f"hydra.run.dir={run_dir}"]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
@@ -116,10 +114,9 @@ def test_bad_checkpoints_and_other_configs_are_refused_by_name(tmp_path, monkeyp
     overrides = [*SMALL, "method.save_adapter=false"]
     handler = signal.getsignal(signal.SIGTERM)
     reference = run(compose_cfg(*overrides), run_dir=tmp_path / "reference")
-    monkeypatch.setenv("SPEFT_TEST_SIGNAL_AT_MICRO", "4:SIGTERM")  # in-process: our handler, then Interrupted
-    with pytest.raises(Interrupted):
+    with monkeypatch.context() as m, pytest.raises(Interrupted):
+        signal_after(m, "4:SIGTERM")  # in-process: our handler, then Interrupted
         run(compose_cfg(*overrides), run_dir=tmp_path)
-    monkeypatch.delenv("SPEFT_TEST_SIGNAL_AT_MICRO")
     assert signal.getsignal(signal.SIGTERM) == handler  # the handlers are put back
     assert json.loads((tmp_path / "results.json").read_text())["status"] == "interrupted"
     assert [s for s, _ in checkpoint.checkpoints(tmp_path)] == [3, 4]  # keep_checkpoints=2
@@ -200,7 +197,7 @@ def test_submitit_requeues_a_preempted_job_that_resumes(tmp_path):
     checkpoint, results.json ``interrupted`` -> submitit's handler requeues the job -> it resumes and
     completes with the uninterrupted result."""
     reference = run(compose_cfg(*SMALL), run_dir=tmp_path / "reference")
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT), "SPEFT_TEST_SIGNAL_AT_MICRO": "3:SIGUSR2"}
+    env = child_env({**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}, "3:SIGUSR2")
     cmd = [sys.executable, "run.py", "-m", *SMALL, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
            f"hydra.sweep.dir={tmp_path}/sweep"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

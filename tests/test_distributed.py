@@ -21,6 +21,8 @@ import torch.multiprocessing as mp
 from speft import distributed, registry
 from speft.distributed import Dist, DistributedError, ShardCollate, shard
 
+from .signals import child_env
+
 ROOT = Path(__file__).resolve().parent.parent
 METRICS = registry.names("metric")
 
@@ -76,12 +78,14 @@ def cached_twice(dist: Dist, cache_dir: str) -> list[dict]:
 
 
 def train_tiny(dist: Dist, n: int = 9) -> dict:
-    """Train the tiny classifier: global batch 4 × 2 accumulation over an epoch of 9 examples (the last
-    micro-batch holds one example, so with 2 ranks one slice is empty), 4 optimizer steps."""
+    """Train the tiny classifier with the recipe's step (``forward_backward``, ``optimizer_step``): global batch
+    4 × 2 accumulation over an epoch of 9 examples (the last micro-batch holds one example, so with 2 ranks one
+    slice is empty), 4 optimizer steps, the loss of each step averaged over the ranks as the recipe logs it."""
     from torch.utils.data import DataLoader
+    from transformers import get_scheduler
 
     from speft.config import TrainerConfig
-    from speft.train.loop import train
+    from speft.train.loop import forward_backward, optimizer_step
 
     from .conftest import TinyClassifier
 
@@ -89,13 +93,28 @@ def train_tiny(dist: Dist, n: int = 9) -> dict:
     model = TinyClassifier()
     cfg = TrainerConfig(name="t", max_steps=4, batch_size=4, grad_accum_steps=2, lr=1e-2, warmup_ratio=0.0,
                         max_grad_norm=0.05, log_every_steps=1)
-    logged = []
     col = ShardCollate(collate, dist) if dist.enabled else collate
     loader = DataLoader(rows(n, 6), batch_size=4, shuffle=True, collate_fn=col,
                         generator=torch.Generator().manual_seed(3))
-    train(model, [{"params": list(model.parameters())}], loader, cfg, torch.device("cpu"),
-          on_log=lambda rec, step: logged.append(rec.get("train/loss")), dist=dist)
-    return {"state": model.state_dict(), "loss": [x for x in logged if x is not None]}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=0, num_training_steps=cfg.max_steps)
+    losses, running, micro, step = [], 0.0, 0, 0
+    while step < cfg.max_steps:
+        for batch in loader:
+            loss = forward_backward(model, batch, cfg, torch.device("cpu"), dist)
+            running += 0.0 if loss is None else float(loss)
+            micro += 1
+            if micro % cfg.grad_accum_steps:
+                continue
+            step += 1
+            optimizer_step(optimizer, scheduler, cfg, step, dist)
+            summed = torch.tensor([running], dtype=torch.float64)
+            dist.all_reduce_([summed])
+            losses.append(summed.item() / cfg.grad_accum_steps)
+            running = 0.0
+            if step == cfg.max_steps:
+                break
+    return {"state": model.state_dict(), "loss": losses}
 
 
 def _worker(rank: int, world: int, port: int, job: str, out: str) -> None:
@@ -299,9 +318,11 @@ FAST = ["debug=fast", "logger=none", "trainer.num_threads=1", "task.max_train_ex
         "trainer.grad_accum_steps=2", "trainer.batch_size=16"]
 
 
-def launch(run_dir: Path, *overrides: str, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+def launch(run_dir: Path, *overrides: str, nproc: int = 1, timeout: int = 300,
+           kill: str | None = None) -> subprocess.CompletedProcess:
+    """``run.py`` in ``nproc`` processes; ``kill``: a signal after a micro-batch (``tests.signals``)."""
+    env = child_env({**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
+                     "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}, kill)
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     head = [sys.executable]
@@ -363,9 +384,7 @@ def test_two_processes_resume_bit_for_bit(case, tmp_path, monkeypatch):
     overrides = [*FAST, "trainer.checkpoint_every_steps=1"]
     reference = launch(tmp_path / "reference", *overrides, nproc=2)
     assert reference.returncode == 0, reference.stderr[-3000:]
-    monkeypatch.setenv("SPEFT_TEST_SIGNAL_AT_MICRO", kill)
-    killed = launch(tmp_path / "run", *overrides, nproc=2)
-    monkeypatch.delenv("SPEFT_TEST_SIGNAL_AT_MICRO")
+    killed = launch(tmp_path / "run", *overrides, nproc=2, kill=kill)
     assert killed.returncode != 0
     saved = [s for s, _ in checkpoint.checkpoints(tmp_path / "run")]
     content = checkpoint.load(checkpoint.path_of(tmp_path / "run", saved[-1]))
@@ -391,7 +410,7 @@ def test_two_processes_resume_bit_for_bit(case, tmp_path, monkeypatch):
 def test_under_nccl_host_data_takes_the_gloo_group_and_device_data_the_default_one(monkeypatch):
     """No NCCL here: the collectives are recorded, not run. Flags, objects and the wait for rank 0's evaluation go
     through the host (gloo) group with no copy to the GPU; gradients and score buffers through the default group."""
-    from speft.train.loop import Checkpointing
+    from speft.train.loop import CheckpointClock
 
     calls = []
     fake = torch.distributed
@@ -402,7 +421,7 @@ def test_under_nccl_host_data_takes_the_gloo_group_and_device_data_the_default_o
     monkeypatch.setattr(fake, "barrier", lambda group=None: calls.append(("barrier", group)))
     host = object()
     dist = Dist(rank=0, world=2, backend="nccl", host_group=host)
-    Checkpointing(save=lambda *a: None).decide(True, dist)  # the per-step flags
+    CheckpointClock().decide(True, dist)  # the per-step flags
     dist.all_gather_object("digest")
     dist.broadcast_object(("ok", {"accuracy": 1.0}))  # rank 0's evaluation, the others waiting
     dist.barrier()

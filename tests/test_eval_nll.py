@@ -81,7 +81,7 @@ def test_mean_is_token_weighted_and_bad_values_are_refused():
 
 
 def test_lower_is_better_for_nll_in_the_pipeline_and_the_report():
-    from speft.pipeline import best_evaluation
+    from speft.recipe import best_evaluation
     from speft.report.tables import Cell, Table
 
     task = Gsm8k(Gsm8kConfig(evaluation="nll"), DATA)

@@ -17,6 +17,7 @@ from speft.train.checkpoint import Interrupted
 from speft.train.loop import set_tf32, step_optimizer, use_fused
 
 from .conftest import compose_cfg
+from .signals import signal_after
 
 
 def sparse_layer() -> SparseDeltaLinear:
@@ -48,10 +49,9 @@ def test_a_run_with_fused_adamw_trains_and_checkpoints_a_python_running_loss(tmp
     overrides = ["debug=fast", "logger=none", "trainer.num_threads=1", "trainer.max_steps=3",
                  "trainer.fused_adamw=true", "trainer.checkpoint_every_steps=1", "trainer.keep_checkpoints=3",
                  "task.max_eval_examples=8", "method.save_adapter=false"]
-    monkeypatch.setenv("SPEFT_TEST_SIGNAL_AT_MICRO", "2:SIGTERM")  # stop after step 2: its checkpoint stays
-    with pytest.raises(Interrupted):
+    with monkeypatch.context() as m, pytest.raises(Interrupted):
+        signal_after(m, "2:SIGTERM")  # stop after step 2: its checkpoint stays
         run(compose_cfg(*overrides), run_dir=tmp_path)
-    monkeypatch.delenv("SPEFT_TEST_SIGNAL_AT_MICRO")
     _, record = checkpoint.checkpoints(tmp_path)[-1]
     loop = checkpoint.load(record.with_suffix(".pt"))["loop"]
     assert type(loop["running"]) is float and loop["running"] > 0

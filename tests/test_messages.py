@@ -91,13 +91,13 @@ class Recorder:
 
 
 def test_lm_throughput_and_predictions_reach_the_logger(tmp_path):
-    from speft.pipeline import log_evaluation
+    from speft.recipe import log_evaluation
 
     rows = [{"index": i, "question": "q", "target": "1", "completion": "c", "strict": "1", "flexible": "1",
              "strict_correct": True, "flexible_correct": True} for i in range(3)]
     (tmp_path / "predictions_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    state = type("State", (), {"logger": Recorder(), "run_dir": tmp_path})()
-    log_evaluation(state, {"test": {"examples": 3, "problems_per_s": 0.5}}, step=7)
-    assert state.logger.logged == {"test/examples": 3, "test/problems_per_s": 0.5}
-    columns, table = state.logger.tables["predictions_test"]
+    logger = Recorder()
+    log_evaluation(logger, tmp_path, {"test": {"examples": 3, "problems_per_s": 0.5}}, step=7)
+    assert logger.logged == {"test/examples": 3, "test/problems_per_s": 0.5}
+    columns, table = logger.tables["predictions_test"]
     assert columns[:3] == ["index", "question", "target"] and len(table) == 3

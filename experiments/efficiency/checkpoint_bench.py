@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from speft import registry  # noqa: E402
 from speft.tools import bench  # noqa: E402
 from speft.train import checkpoint  # noqa: E402
 
@@ -60,7 +61,7 @@ def main(argv=None) -> dict:
         for i in range(a.writes):
             t0 = time.perf_counter()
             content = {"loop": {"optimizer": optimizer.state_dict(), "rng": checkpoint.rng_state()},
-                       "model": checkpoint.trainable_state(model, optimizer)}
+                       "model": registry.get("method", a.method).obj.trainable_state(model, optimizer)}
             path = checkpoint.save(Path(tmp), i + 1, content, {"shape": a.shape}, keep=2)
             writes.append(time.perf_counter() - t0)
             size = path.stat().st_size

@@ -95,15 +95,14 @@ def mbpp_problem(row: dict, fewshot: Sequence[dict]) -> Problem:
 def execute(problems: Sequence[Problem], completions: Sequence[str], *, limits: Limits | None = None,
             workers: int = 2) -> list[dict]:
     """Per problem: task_id, completion, passed, status and stderr's end; ``workers`` programs at a time."""
-
-    def one(pair: tuple[Problem, str]) -> dict:
-        problem, completion = pair
-        outcome = run_program(problem.program(completion), limits or Limits())
-        return {"task_id": problem.task_id, "completion": completion, "passed": outcome.passed,
-                "status": outcome.status, "stderr": outcome.stderr[-500:]}
-
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        return list(pool.map(one, zip(problems, completions)))
+        return list(pool.map(execute_one, problems, completions, [limits or Limits()] * len(problems)))
+
+
+def execute_one(problem: Problem, completion: str, limits: Limits) -> dict:
+    outcome = run_program(problem.program(completion), limits)
+    return {"task_id": problem.task_id, "completion": completion, "passed": outcome.passed,
+            "status": outcome.status, "stderr": outcome.stderr[-500:]}
 
 
 def pass_at_1(records: Sequence[dict]) -> float:

@@ -19,6 +19,7 @@ explicit opt-in (:func:`check_opt_in`).
 
 from __future__ import annotations
 
+import functools
 import os
 import pwd
 import resource
@@ -116,22 +117,21 @@ def _new_network_namespace() -> bool:
         return False
 
 
-def _limit(limits: Limits, ids: tuple[int, int] | None):
-    def apply() -> None:
-        os.setsid()  # its own session: the whole group is killed at the timeout
-        _new_network_namespace()  # before dropping privileges (the guard disables sockets either way)
-        mb = 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s))
-        resource.setrlimit(resource.RLIMIT_AS, (limits.memory_mb * mb, limits.memory_mb * mb))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_mb * mb, limits.file_mb * mb))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if ids is not None:  # root drops to nobody: RLIMIT_NPROC applies to it, root's files are out of reach
-            os.setgroups([])
-            os.setgid(ids[1])
-            os.setuid(ids[0])
-            resource.setrlimit(resource.RLIMIT_NPROC, (limits.processes, limits.processes))
-    return apply
+def _limit(limits: Limits, ids: tuple[int, int] | None) -> None:
+    """The child's confinement, run in it between fork and exec (``preexec_fn=functools.partial(_limit, ...)``)."""
+    os.setsid()  # its own session: the whole group is killed at the timeout
+    _new_network_namespace()  # before dropping privileges (the guard disables sockets either way)
+    mb = 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s))
+    resource.setrlimit(resource.RLIMIT_AS, (limits.memory_mb * mb, limits.memory_mb * mb))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_mb * mb, limits.file_mb * mb))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if ids is not None:  # root drops to nobody: RLIMIT_NPROC applies to it, root's files are out of reach
+        os.setgroups([])
+        os.setgid(ids[1])
+        os.setuid(ids[0])
+        resource.setrlimit(resource.RLIMIT_NPROC, (limits.processes, limits.processes))
 
 
 def run_program(source: str, limits: Limits | None = None) -> Outcome:
@@ -148,7 +148,7 @@ def run_program(source: str, limits: Limits | None = None) -> Outcome:
         cmd = [python, "-I", "-B", str(program)]
         proc = subprocess.Popen(cmd, cwd=work, env={"PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0"},
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                preexec_fn=_limit(limits, ids), text=True, errors="replace")
+                                preexec_fn=functools.partial(_limit, limits, ids), text=True, errors="replace")
         try:
             _, err = proc.communicate(timeout=limits.timeout_s)
             status = "passed" if proc.returncode == 0 else "failed"

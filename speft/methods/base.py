@@ -12,6 +12,7 @@ from omegaconf import MISSING
 from torch import nn
 
 from speft.models.loading import head_parameters
+from speft.train import checkpoint
 
 if TYPE_CHECKING:
     from speft.config import Budget
@@ -74,6 +75,17 @@ class Method:
     def save(self, model: nn.Module, folder: Path, **info) -> bool:
         """Save the trained adapter to ``folder``; False when the method has none (full, head_only)."""
         return False
+
+    @staticmethod
+    def trainable_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
+        """A checkpoint's model part: what training changed (every trainable parameter by name) and the
+        optimizer's parameter order; the frozen base is rebuilt by loading the model again."""
+        return checkpoint.trainable_state(model, optimizer)
+
+    @staticmethod
+    def load_trainable_state(model: nn.Module, state: dict, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Put :meth:`trainable_state` back into the prepared model (and the optimizer's groups)."""
+        checkpoint.load_trainable_state(model, state, optimizer)
 
     def head_group(self, ctx: PrepareContext, head_lr: float) -> tuple[list[dict], int]:
         """Freeze or unfreeze the task head; its optimizer group (if trained) and parameter count."""

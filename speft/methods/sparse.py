@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import torch
+
 from speft.config import check, check_positive
 from speft.methods.base import Method, MethodConfig, PrepareContext, Prepared, freeze_all
 from speft.models.quantization import weight_numel
 from speft.registry import register
 from speft.sparse.io import save_adapter
-from speft.sparse.layer import VALUES_GROUP, inject
+from speft.sparse.layer import VALUES_GROUP, inject, sparse_layers
+from speft.train import checkpoint
 from speft.utils import timed
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,28 @@ class Sparse(Method):
     def save(self, model, folder, **info) -> bool:
         save_adapter(model, folder, **info)
         return True
+
+    @staticmethod
+    def trainable_state(model, optimizer=None) -> dict:
+        """Each sparse layer's entries (``SparseDeltaLinear.checkpoint_state``: a dynamic mask changes which they
+        are), then the other trainable parameters by name."""
+        layers = sparse_layers(model)
+        state = checkpoint.trainable_state(model, optimizer, skip=frozenset(id(m.values) for m in layers.values()))
+        return {"sparse": {n: layer.checkpoint_state() for n, layer in layers.items()}, **state}
+
+    @staticmethod
+    @torch.no_grad()
+    def load_trainable_state(model, state: dict, optimizer=None) -> None:
+        """The sparse layers' saved entries replace their ``values`` (in ``optimizer`` too), then the rest."""
+        layers = sparse_layers(model)
+        if sorted(layers) != sorted(state["sparse"]):
+            raise checkpoint.CheckpointError(f"the checkpoint's sparse modules ({len(state['sparse'])}) are not the "
+                                             f"model's ({len(layers)})")
+        swap = {id(layer.values): layer.load_checkpoint_state(state["sparse"][n]) for n, layer in layers.items()}
+        if optimizer is not None and swap:
+            for group in optimizer.param_groups:
+                group["params"] = [swap.get(id(p), p) for p in group["params"]]
+        checkpoint.load_trainable_state(model, state, optimizer)
 
     def prepare(self, ctx: PrepareContext, lr: float, head_lr: float) -> Prepared:
         with timed(ctx.timings, "scoring_s"):

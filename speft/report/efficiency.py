@@ -97,16 +97,17 @@ def run_costs(df: pd.DataFrame, rows: list[str] | None = None, filters: Iterable
 def markdown(frame: pd.DataFrame, digits: int = 3) -> str:
     """A DataFrame as a Markdown table (floats with ``digits`` significant places, large ones as whole
     numbers; thousands separators), without the optional ``tabulate`` dependency."""
-
-    def fmt(v) -> str:
-        if isinstance(v, float):
-            if math.isnan(v):
-                return "—"
-            return f"{v:,.0f}" if abs(v) >= 10 ** digits else f"{v:.{digits}g}"
-        if isinstance(v, int) and not isinstance(v, bool):
-            return f"{v:,}"
-        return str(v)
-
     numeric = [pd.api.types.is_numeric_dtype(frame[c]) for c in frame.columns]
-    body = [[fmt(v) for v in row] for row in frame.itertuples(index=False)]
+    body = [[cell(v, digits) for v in row] for row in frame.itertuples(index=False)]
     return markdown_table([str(c) for c in frame.columns], body, numeric)
+
+
+def cell(v, digits: int) -> str:
+    """One table cell: floats with ``digits`` significant places (large ones whole), ints with separators."""
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "—"
+        return f"{v:,.0f}" if abs(v) >= 10 ** digits else f"{v:.{digits}g}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    return str(v)

@@ -16,6 +16,7 @@ writes it as PNG and PDF and :func:`write_figures` writes every figure the data 
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterable
@@ -416,16 +417,7 @@ def write_figures(df: pd.DataFrame, out: str | Path, overlap: str | Path | None 
     df = without_debug(apply_filters(df, filters), include_debug)[0]
     common = {"value": value, "metric": metric, "scale": scale, "include_debug": include_debug}
     done: dict[str, list[Path] | str] = {}
-
-    def attempt(name: str, make) -> None:
-        try:
-            fig = make()
-        except ReportError as e:
-            done[name] = f"skipped: {e}"
-            return
-        if is_debug(df).any():
-            fig.suptitle("includes debug runs (debug=fast)", color="C3")
-        done[name] = save(fig, out / name)
+    attempt = functools.partial(_attempt, done, out, debug=bool(is_debug(df).any()))
 
     # The density sweep: the sparse runs of the mask schedule and selection with the most budgets (and the
     # baselines, whose mask settings are unused); other schedules would add one-point lines.
@@ -461,6 +453,18 @@ def write_figures(df: pd.DataFrame, out: str | Path, overlap: str | Path | None 
         tasks = sorted(df["task.name"].dropna().unique(), key=natural_key)
         attempt("overlap", lambda: overlap_heatmap(df, filters=[f"task.name={tasks[0]}"] if tasks else ()))
     return done
+
+
+def _attempt(done: dict, out: Path, name: str, make, debug: bool) -> None:
+    """``done[name]``: the figure ``make()`` draws, saved, or why it was skipped."""
+    try:
+        fig = make()
+    except ReportError as e:
+        done[name] = f"skipped: {e}"
+        return
+    if debug:
+        fig.suptitle("includes debug runs (debug=fast)", color="C3")
+    done[name] = save(fig, out / name)
 
 
 __all__ = ["density_sweep", "efficiency_bars", "find_overlap", "lr_sweep", "mask_bars", "mask_heatmap",

@@ -10,6 +10,7 @@ failures says so next to its mean, and the footer lists every failed run with it
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import math
 from dataclasses import dataclass, field
@@ -441,10 +442,12 @@ def paired_rows(table: Table, reference: str) -> list[PairedRow]:
     return out
 
 
-def _paired_grid(table: Table, rows: list[PairedRow]) -> tuple[list[str], list[list[str]]]:
-    def num(x: float) -> str:
-        return MISSING if math.isnan(x) else f"{x:+.{table.digits}f}"
+def _signed(x: float, digits: int) -> str:
+    return MISSING if math.isnan(x) else f"{x:+.{digits}f}"
 
+
+def _paired_grid(table: Table, rows: list[PairedRow]) -> tuple[list[str], list[list[str]]]:
+    num = functools.partial(_signed, digits=table.digits)
     header = [", ".join(table.row_keys), "pairs", "mean difference", "95 % bootstrap CI", "p (sign-flip)",
               *[table.header(c) for c in table.cols]]
     body = [[r.row, str(r.overall.n), num(r.overall.mean),

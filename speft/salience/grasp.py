@@ -25,6 +25,7 @@ study's definition, score = W ⊙ Hg, highest first.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -52,6 +53,14 @@ class GraspConfig(MetricConfig):
 REDUCTIONS = ("example", "batch")
 
 
+def half_loss(model, batch: dict, examples: int, temperature: float, by_batch: bool) -> torch.Tensor:
+    """A half's loss term of one batch: a batch mean (summed, then divided by the half's batches at the end: the
+    gradients are linear in it) or the examples' losses over the half's size."""
+    if by_batch:
+        return forward_per_example(model, batch, temperature, reduce=batch_mean_loss)
+    return forward_per_example(model, batch, temperature).sum() / examples
+
+
 @register("metric", "grasp", schema=GraspConfig)
 class Grasp(SalienceMetric):
     sample_factor = 2
@@ -63,13 +72,7 @@ class Grasp(SalienceMetric):
         n2 = ctx.num_examples - n1
         second = 0 if n2 == 0 else 1  # a single example: the same half for g and H
         by_batch = self.cfg.reduction == "batch"
-
-        def loss(batch: dict, examples: int) -> torch.Tensor:
-            """The half's loss term of one batch: a batch mean (summed, then divided by the half's batches
-            at the end: the gradients are linear in it) or the examples' losses over the half's size."""
-            if by_batch:
-                return forward_per_example(model, batch, temp, reduce=batch_mean_loss)
-            return forward_per_example(model, batch, temp).sum() / examples
+        loss = functools.partial(half_loss, model, temperature=temp, by_batch=by_batch)
 
         g = accumulators(targets, self.cfg.offload)
         batches = torch.zeros(2, device=next(iter(g.values())).device)  # per half (reduction=batch), reduced with g

@@ -15,6 +15,7 @@ metrics (``random``, ``magnitude``, ``synflow``) are computed in full on every r
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -76,12 +77,13 @@ class Scorer:
         return starts
 
     def batches(self, rows: list[dict]) -> Callable[[], Iterator[dict]]:
-        def it() -> Iterator[dict]:
-            for i in self.offsets(rows):
-                batch = self.collate(rows[i : i + self.batch_size])
-                yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        """A fresh pass over this rank's batches of ``rows`` on each call (a metric may take several)."""
+        return functools.partial(self.iterate, rows)
 
-        return it
+    def iterate(self, rows: list[dict]) -> Iterator[dict]:
+        for i in self.offsets(rows):
+            batch = self.collate(rows[i : i + self.batch_size])
+            yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def context(self, model: nn.Module, targets: dict[str, nn.Module], rows: list[dict]) -> ScoreContext:
         ctx = ScoreContext(model, targets, self.batches(rows), len(rows), self.seed)

@@ -22,6 +22,7 @@ bytes as tokens). Timing always uses random weights of the shape: cost does not 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -323,27 +324,28 @@ class ValuesGradTimer:
     def __init__(self, device: str) -> None:
         from speft.sparse.layer import GradPlan
 
-        self.cuda, self.spans, inner = device == "cuda", [], GradPlan.values_grad
-
-        def timed(plan, g2, x2):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                out = inner(plan, g2, x2)
-                end.record()
-                self.spans.append((start, end))
-            else:
-                t = time.perf_counter()
-                out = inner(plan, g2, x2)
-                self.spans.append(time.perf_counter() - t)
-            return out
-
-        GradPlan.values_grad = timed
+        self.cuda, self.spans, self.inner = device == "cuda", [], GradPlan.values_grad
+        GradPlan.values_grad = functools.partialmethod(_timed_values_grad, self)
 
     def take(self) -> float:
         """The seconds timed since the last call (on CUDA: call it after synchronising)."""
         spans, self.spans = self.spans, []
         return sum(s.elapsed_time(e) / 1000 for s, e in spans) if self.cuda else sum(spans)
+
+
+def _timed_values_grad(plan, timer, g2, x2):
+    """``GradPlan.values_grad`` timed into ``timer.spans`` (CUDA: events around it, no synchronisation)."""
+    if timer.cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = timer.inner(plan, g2, x2)
+        end.record()
+        timer.spans.append((start, end))
+    else:
+        t = time.perf_counter()
+        out = timer.inner(plan, g2, x2)
+        timer.spans.append(time.perf_counter() - t)
+    return out
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -455,12 +457,6 @@ def markdown_table(rows: list[dict]) -> str:
     method, rank and mask; a failed configuration says its error after its key."""
     from speft.report.tables import markdown_table as write_table
 
-    def cell(row, key):
-        v = row.get(key)
-        if key == "plans" and v:
-            return ", ".join(f"{k} {n}" for k, n in v.items())
-        return "" if v is None else str(v)
-
     keys = list(TABLE_COLUMNS)
     body = [[cell(row, k) for k in keys[:3]] + [f"error: {row['error']}"] + [""] * (len(keys) - 4) if "error" in row
             else [cell(row, k) for k in keys] for row in rows]
@@ -469,6 +465,13 @@ def markdown_table(rows: list[dict]) -> str:
     setting = ", ".join(f"{k} {first[k]}" for k in ("shape", "batch", "seq", "targets", "device", "dtype",
                                                     "quantization", "threads") if k in first)
     return f"{setting}; median of {first.get('repeats', 1)} processes per row\n\n" + table
+
+
+def cell(row: dict, key: str) -> str:
+    v = row.get(key)
+    if key == "plans" and v:
+        return ", ".join(f"{k} {n}" for k, n in v.items())
+    return "" if v is None else str(v)
 
 
 def main(argv=None) -> list[dict]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import re
 import signal
@@ -115,17 +114,19 @@ def previous_hint(meta: Path) -> str:
 def differing_keys(old: dict, new: dict, ignore: tuple[str, ...] = NON_COMPUTING_KEYS) -> list[str]:
     """Dotted keys whose values differ between two resolved configs (``ignore``d keys left out; a key of
     :data:`~speft.config.ADDED_KEYS` missing on one side reads as its value there)."""
-    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
-        if not isinstance(d, dict):
-            return {prefix: d}
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
-        return out
-
-    a, b = flat(old), flat(new)
+    a, b = flatten(old), flatten(new)
     return sorted(k for k in a.keys() | b.keys()
                   if k not in ignore and a.get(k, ADDED_KEYS.get(k)) != b.get(k, ADDED_KEYS.get(k)))
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{"dotted.key": value}`` (an empty dict stays a value)."""
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
 
 
 def resumable(run_dir: Path, config: dict, mode: str, processes: int = 1) -> dict | None:
@@ -166,40 +167,23 @@ def load(path: Path) -> dict:
 # ----------------------------------------------------------------------------------------------
 # The model's trainable state
 
-def trainable_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """What training changed in ``model``: each sparse layer's entries (``SparseDeltaLinear.checkpoint_state``)
-    and every other trainable parameter by name (a head, LoRA/PiSSA/DoRA adapters, all weights for ``full``),
-    and the names of the optimizer's parameters in its groups' order (its state is stored by position).
-    The frozen base weights are rebuilt by loading the model again."""
-    from speft.sparse.layer import sparse_layers
-
-    layers = sparse_layers(model)
-    values = {id(layer.values) for layer in layers.values()}
+def trainable_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    skip: frozenset[int] = frozenset()) -> dict:
+    """What training changed in ``model``: every trainable parameter by name (a head, LoRA/PiSSA/DoRA adapters, all
+    weights for ``full``) but those whose ``id`` is in ``skip`` (a method stores them its own way, e.g. the sparse
+    layers' entries: ``Method.trainable_state``), and the names of the optimizer's parameters in its groups' order
+    (its state is stored by position). The frozen base weights are rebuilt by loading the model again."""
     names = {id(p): n for n, p in model.named_parameters()}
-    return {"sparse": {n: layer.checkpoint_state() for n, layer in layers.items()},
-            # host copies: a clone on the accelerator would double a `full` run's weights there while saving
-            "params": {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()
-                       if p.requires_grad and id(p) not in values},
+    # host copies: a clone on the accelerator would double a `full` run's weights there while saving
+    return {"params": {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()
+                       if p.requires_grad and id(p) not in skip},
             "optimizer_order": [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
             if optimizer is not None else None}
 
 
 @torch.no_grad()
 def load_trainable_state(model: torch.nn.Module, state: dict, optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Put :func:`trainable_state` back; the sparse layers' new ``values`` replace the old in ``optimizer``."""
-    from speft.sparse.layer import sparse_layers
-
-    layers = sparse_layers(model)
-    if sorted(layers) != sorted(state["sparse"]):
-        raise CheckpointError(f"the checkpoint's sparse modules ({len(state['sparse'])}) are not the model's "
-                              f"({len(layers)})")
-    swap = {}
-    for name, layer in layers.items():
-        old = layer.values
-        swap[id(old)] = layer.load_checkpoint_state(state["sparse"][name])
-    if optimizer is not None and swap:
-        for group in optimizer.param_groups:
-            group["params"] = [swap.get(id(p), p) for p in group["params"]]
+    """Put :func:`trainable_state` back: the optimizer's groups in the saved order, the parameters' values."""
     params = dict(model.named_parameters())
     order = state.get("optimizer_order")
     if optimizer is not None and order is not None:  # the saved order (a cached score file lists modules sorted)
@@ -284,17 +268,3 @@ def _main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
-
-
-def test_signal() -> tuple[int, int] | None:
-    """For the resume tests only: ``SPEFT_TEST_SIGNAL_AT_MICRO=<n>:<SIGNAL>[:<rank>]`` makes the process send
-    itself a real signal (SIGKILL, SIGTERM, ...) right after micro-batch ``n`` (counted from the start of training)
-    has been through forward and backward; with a rank, only that data-parallel rank does. Read once when training
-    starts: (micro-batch, signal number) for this rank, or None (the loop then checks nothing)."""
-    spec = os.environ.get("SPEFT_TEST_SIGNAL_AT_MICRO")
-    if not spec:
-        return None
-    at, name, rank = (spec.split(":") + ["", ""])[:3]
-    if rank and int(rank) != int(os.environ.get("RANK", "0")):
-        return None
-    return int(at), getattr(signal, name or "SIGKILL")
