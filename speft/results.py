@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 
 from speft.config import PROJECT_ROOT
-from speft.utils import atomic_write, peak_rss_mb
+from speft.utils import atomic_write, process_peak_mb
 
 RESULTS_FILE = "results.json"
 LOWER_IS_BETTER = frozenset({"nll"})  # metric names (the part after the split) where smaller is better
@@ -90,10 +90,7 @@ def peak_memory_mb() -> dict[str, float]:
     """Peak resident memory of this process, and peak CUDA memory allocated when on a GPU."""
     import torch
 
-    out = {"rss": peak_rss_mb()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["cuda_allocated"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return out
+    return process_peak_mb(cuda=torch.cuda.is_available() and torch.cuda.is_initialized())
 
 
 def now() -> str:

@@ -1,5 +1,13 @@
 """Small helpers the library's layers share without reaching up to the run's record (``speft.results``):
-timing a block, writing a file atomically, and the one peak-memory probe."""
+timing a block, writing a file atomically, and the one peak-memory probe (a process's peak,
+:func:`process_peak_mb`; a block's, :class:`PeakMemory`).
+
+Memory on CUDA is ``torch.cuda.max_memory_allocated`` (tensors only, not the allocator's cache). On the CPU a
+process's peak is Linux's ``VmHWM``; a block's is the resident set size (RSS) sampled from ``/proc/self/statm``
+every ~10 ms by a background thread, plus once at entry and exit (a spike shorter than the period can be missed).
+Without ``/proc`` (macOS) both read ``ru_maxrss``, a peak of the block only when the block sets a new high.
+torch is imported only when CUDA is asked about: the report reads results without it.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +15,7 @@ import os
 import resource
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -50,3 +59,76 @@ def peak_rss_mb() -> float:
         pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
     return round(rss / 1024 if sys.platform != "darwin" else rss / 2**20, 1)
+
+
+def process_peak_mb(cuda: bool = False) -> dict[str, float]:
+    """This process's peak so far: ``rss`` (:func:`peak_rss_mb`) and, when ``cuda``, ``cuda_allocated``."""
+    out = {"rss": peak_rss_mb()}
+    if cuda:
+        import torch
+
+        out["cuda_allocated"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+PERIOD_S = 0.01  # the block probe's RSS sampling period
+
+
+def current_rss_mb() -> float | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class PeakMemory:
+    """``with PeakMemory(device) as pm: ...``; then ``pm.peak_mb`` (peak during the block) and
+    ``pm.delta_mb`` (peak minus the value at entry), in MiB; ``pm.kind`` is ``cuda_allocated`` or ``rss``."""
+
+    def __init__(self, device=None) -> None:
+        self.cuda = str(device or "cpu").startswith("cuda")
+        self.kind = "cuda_allocated" if self.cuda else "rss"
+        self.start_mb = self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def delta_mb(self) -> float:
+        return max(0.0, self.peak_mb - self.start_mb)
+
+    def __enter__(self) -> PeakMemory:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start_mb = self.peak_mb = torch.cuda.memory_allocated() / 2**20
+            return self
+        rss = current_rss_mb()
+        if rss is None:
+            self.start_mb = self.peak_mb = peak_rss_mb()
+            return self
+        self.start_mb = self.peak_mb = rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(PERIOD_S):
+            rss = current_rss_mb()
+            if rss is not None:
+                self.peak_mb = max(self.peak_mb, rss)
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
+        elif self._thread is None:
+            self.peak_mb = peak_rss_mb()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mb = max(self.peak_mb, current_rss_mb() or 0.0)

@@ -35,8 +35,7 @@ from safetensors.torch import save_file
 from speft.distributed import SINGLE, Dist
 from speft.models.quantization import weight_shape
 from speft.salience.base import SalienceMetric, ScoreContext
-from speft.salience.memory import PeakMemory
-from speft.utils import atomic_write
+from speft.utils import PeakMemory, atomic_write
 
 log = logging.getLogger(__name__)
 

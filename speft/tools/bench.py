@@ -36,7 +36,7 @@ import torch
 
 from speft.models.architectures import ARCHITECTURES
 from speft.models.quantization import QUANTIZATIONS
-from speft.utils import peak_rss_mb
+from speft.utils import peak_rss_mb, process_peak_mb
 
 METHODS = ("sparse", "lora", "full", "frozen")
 MASKS = ("random", "grad")
@@ -376,10 +376,7 @@ def worker(args: argparse.Namespace) -> dict:
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
             wgrad.append(timer.take() if timer else 0.0)
-    if args.device == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = peak_rss_mb()
+    peak = process_peak_mb(cuda=args.device == "cuda")["cuda_allocated" if args.device == "cuda" else "rss"]
     row = {"method": method, "step_s": round(statistics.median(times), 4), "peak_memory_mb": round(peak, 1),
            "trainable": sum(p.numel() for p in params), "shape": args.shape, "batch": args.batch,
            "seq": args.seq, "targets": args.targets, "device": args.device, "dtype": args.dtype,

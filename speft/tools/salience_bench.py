@@ -16,7 +16,7 @@ Every measurement runs in a fresh subprocess (model built, one untimed forward p
   one all-ones input).
 
 Peak memory: on a GPU ``torch.cuda.max_memory_allocated``; on the CPU the RSS high-water during the
-timed section sampled every 10 ms (see :mod:`speft.salience.memory`), reported as the increase over the
+timed section sampled every 10 ms (see :class:`speft.utils.PeakMemory`), reported as the increase over the
 RSS at its start (the model and the batches are already resident). One JSON line per measurement:
 ``seconds``, ``peak_mb``, ``time_vs_train`` (seconds / the train line's), ``mem_vs_train``, and for
 metrics ``time_vs_grad``; the targets are ``grad`` ≤ 1.3× train and ``fisher`` ≤ 3× grad (``target_ok``).
@@ -76,7 +76,7 @@ def measure(args: argparse.Namespace, what: str) -> dict:
     from speft import registry
     from speft.models.loading import find_targets
     from speft.salience.base import ScoreContext
-    from speft.salience.memory import PeakMemory
+    from speft.utils import PeakMemory
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, family, vocab, head = build(args.model)
