@@ -173,6 +173,16 @@ def test_the_verdicts_follow_their_fixed_rules_on_made_up_runs(tmp_path, monkeyp
     assert results[2]["verdict"] == verdicts.NOT_REPRODUCED and results[2]["parts"][0]["pairs"] == 6
     assert results[3]["verdict"] == verdicts.REPRODUCED
     assert results[4]["verdict"] == verdicts.INCONCLUSIVE
+    # Fewer seeds than the grid runs: the verdicts are written but marked provisional, with what is missing.
+    import tables
+
+    assert tables.missing_seeds(a, ["glue/sst2"]) is None
+    two = a[a["seed"].isin(sorted(a["seed"].unique())[:2])]
+    why = tables.missing_seeds(two, ["glue/sst2"])
+    assert why == "Table A holds 10 of 15 runs of the kept tasks (0 of 5 cells have all 3 seeds)"
+    verdicts.write(tmp_path, two, None, ["glue/sst2"], provisional=why)
+    assert (tmp_path / "verdicts.md").read_text().startswith(f"**Provisional**: {why}")
+    assert json.loads((tmp_path / "verdicts.json").read_text())["provisional"] == why
     text = (tmp_path / "verdicts.md").read_text()
     assert "**not reproduced**" in text and "**inconclusive at this scale**" in text
     assert json.loads((tmp_path / "verdicts.json").read_text())["claims"][0]["claim"] == 1

@@ -112,9 +112,11 @@ def claim(number: int, text: str, parts: list[dict]) -> dict:
     return {"claim": number, "text": text, "verdict": combine([p["verdict"] for p in parts]), "parts": parts}
 
 
-def markdown(results: list[dict], tasks: list[str]) -> str:
+def markdown(results: list[dict], tasks: list[str], provisional: str | None = None) -> str:
     fmt = lambda x: "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.2f}"  # noqa: E731
-    lines = [f"Verdicts over the separating tasks ({', '.join(tasks) or 'none'}); rules and margin ({MARGIN:g} point) "
+    lines = [f"**Provisional**: {provisional}; every verdict is recomputed when the stage is complete.", ""] \
+        if provisional else []
+    lines += [f"Verdicts over the separating tasks ({', '.join(tasks) or 'none'}); rules and margin ({MARGIN:g} point) "
              "in `verdicts.py`, fixed before Table A was run.", "",
              "| claim | verdict | comparison | pairs | mean difference | 95 % bootstrap CI | p (sign-flip) |",
              "|---|---|---|---:|---:|---|---:|"]
@@ -129,10 +131,12 @@ def markdown(results: list[dict], tasks: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(out: Path, a: pd.DataFrame, b: pd.DataFrame | None, tasks: list[str]) -> list[dict]:
+def write(out: Path, a: pd.DataFrame, b: pd.DataFrame | None, tasks: list[str],
+          provisional: str | None = None) -> list[dict]:
+    """``provisional``: why the verdicts may still change (e.g. Table A lacks seeds); None once the runs are all in."""
     results = claims(a, b, tasks) if tasks else []
-    (out / "verdicts.json").write_text(json.dumps({"tasks": tasks, "margin": MARGIN, "claims": results}, indent=1,
-                                                  default=float) + "\n")
-    (out / "verdicts.md").write_text(markdown(results, tasks) if tasks else
+    (out / "verdicts.json").write_text(json.dumps({"tasks": tasks, "margin": MARGIN, "provisional": provisional,
+                                                   "claims": results}, indent=1, default=float) + "\n")
+    (out / "verdicts.md").write_text(markdown(results, tasks, provisional) if tasks else
                                      "No task separates yet: no verdict (see separation.md).\n")
     return results
