@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -24,7 +25,7 @@ from speft.methods.base import PrepareContext, count
 from speft.models.loading import find_targets, head_parameters, load_model, load_tokenizer, target_patterns
 from speft.models.quantization import weight_numel
 from speft.registry import ConfigError
-from speft.results import RunRecord
+from speft.results import RunRecord, higher_is_better
 from speft.salience.scorer import Scorer
 from speft.sparse.layer import sparse_layers
 from speft.train import checkpoint
@@ -78,6 +79,7 @@ class Recipe:
         self.tokenizer = self.model = self.collate = self.scorer = self.prepared = None
         self.targets: dict[str, torch.nn.Linear] = {}
         self.eval_loaders: dict[str, DataLoader] = {}
+        self.periodic: list[str] = []  # the evaluation splits validated during training
         # set up by train(): the data order, the optimizer and schedule over `steps` optimizer steps
         self.loader = self.optimizer = self.scheduler = None
         self.steps = 0
@@ -115,6 +117,7 @@ class Recipe:
         self.eval_loaders = {name: DataLoader(sorted(rows, key=lambda r: len(r["input_ids"])),
                                               batch_size=self.task.cfg.eval_batch_size, collate_fn=self.collate)
                              for name, rows in self.encoded.items() if name in self.task.eval_splits}
+        self.periodic = [s for s in self.eval_names() if s != "test"]  # validated during training; test at the end
 
     def load_data_and_model(self) -> None:
         spec, task = self.spec, self.task
@@ -309,7 +312,7 @@ class Recipe:
         self.bar.update(1)
         if step % self.spec.trainer.log_every_steps == 0 or step == steps:
             self.log_training()
-        if self.periodic_splits() and (step % self.eval_every == 0 or step == steps):
+        if self.periodic and (step % self.eval_every == 0 or step == steps):
             self.validate()
         due, signum = self.clock.decide(step < steps and self.clock.due(step), self.dist)
         if due:
@@ -346,11 +349,8 @@ class Recipe:
     def eval_names(self) -> list[str]:
         return [s for s in self.task.eval_splits if s in self.splits]
 
-    def periodic_splits(self) -> list[str]:
-        return [s for s in self.eval_names() if s != "test"]
-
     def validate(self) -> None:
-        metrics = {k: v for s in self.periodic_splits() for k, v in self.evaluate(s).items()}
+        metrics = {k: v for s in self.periodic for k, v in self.evaluate(s).items()}
         self.state.history.append({"step": self.state.step, "epoch": round(self.state.epoch, 4), **metrics})
         self.logger.log(metrics, self.state.step)
 
@@ -474,10 +474,6 @@ def train_dataloader(rows: list[dict], tcfg, collate, seed: int) -> DataLoader:
 
 def best_evaluation(history: list[dict], task) -> dict:
     """The periodic evaluation with the best main validation metric (its step and epoch included)."""
-    import math
-
-    from speft.results import higher_is_better
-
     key = f"{task.validation_split}/{task.main_metric}"
     scored = [h for h in history if key in h and not math.isnan(h[key])]  # NaN: e.g. constant predictions
     sign = 1 if higher_is_better(key) else -1
