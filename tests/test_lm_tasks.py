@@ -14,7 +14,7 @@ import torch
 
 from speft.config import Budget, validate
 from speft.models.architectures import meta_causal_lm
-from speft.models.loading import find_targets, target_shapes
+from speft.models.loading import find_targets, plain_copy, target_shapes
 from speft.pipeline import preflight, run
 from speft.registry import ConfigError
 from speft.sparse.layer import sparse_layers
@@ -247,6 +247,17 @@ def test_preflight_plans_a_gguf_model_without_de_quantising_it(tmp_path):
     plan = preflight(compose_cfg("task=gsm8k", "model=smollm2_135m", f"paths.cache_dir={tmp_path}"), tmp_path / "run")
     assert len(plan.shapes) == 30 * 4 and plan.entries == 8 * sum(o + i for o, i in plan.shapes.values())
     assert not (tmp_path / "models").exists() and not (tmp_path / "run").exists()
+
+
+def test_preflight_reads_the_gguf_models_config_from_its_plain_copy_when_the_cache_holds_one(tmp_path):
+    """Parsing the GGUF header takes seconds (it holds the tokenizer); the de-quantised copy's config.json is
+    read instead when it exists. A stand-in copy with two layers shows which one was read."""
+    cfg = compose_cfg("task=gsm8k", "model=smollm2_135m", f"paths.cache_dir={tmp_path}")
+    header = preflight(cfg, tmp_path / "run")
+    tiny_llama(64).config.save_pretrained(plain_copy(header.spec.model, tmp_path))
+    plan = preflight(cfg, tmp_path / "run")
+    assert len(header.shapes) == 30 * 4 and len(plan.shapes) == 2 * 4
+    assert not (tmp_path / "run").exists()
 
 
 def test_head_only_is_refused_for_a_pretrained_lm_head(tmp_path):

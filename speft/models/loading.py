@@ -74,9 +74,7 @@ def checkpoint(cfg: ModelConfig, cache_dir: Path | None = None) -> tuple[str, di
         raise ConfigError(f"model.gguf_file: {gguf} does not exist")
     if cache_dir is None:
         return source, {**kwargs, "gguf_file": cfg.gguf_file}
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    out = Path(cache_dir) / "models" / f"{cfg.name}-{key}"
+    out = plain_copy(cfg, cache_dir)
     if not (out / "config.json").is_file():
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -90,6 +88,15 @@ def checkpoint(cfg: ModelConfig, cache_dir: Path | None = None) -> tuple[str, di
         else:
             os.replace(tmp, out)
     return str(out), {}
+
+
+def plain_copy(cfg: ModelConfig, cache_dir: Path) -> Path:
+    """Where a GGUF checkpoint's de-quantised copy lives in ``cache_dir`` (keyed by the file's path, size and
+    modification time, so a changed file gets a new copy)."""
+    gguf = Path(model_source(cfg)) / cfg.gguf_file
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return Path(cache_dir) / "models" / f"{cfg.name}-{key}"
 
 
 def dequantised(model: nn.Module) -> nn.Module:
@@ -116,10 +123,13 @@ def hub_only_hint(cfg: ModelConfig, source: str) -> Iterator[None]:
 
 def build_meta_model(cfg: ModelConfig, head: str, num_labels: int | None, cache_dir: Path | None = None) -> nn.Module:
     """The model's structure on the meta device: shapes without weights, in well under a second. A GGUF
-    checkpoint's config comes from its header: nothing is de-quantised before the run (``cache_dir`` unused)."""
+    checkpoint's config comes from its de-quantised copy's ``config.json`` when ``cache_dir`` holds one, else from
+    the file's header (parsing it takes seconds: it holds the tokenizer too); nothing is de-quantised here."""
     from transformers import AutoConfig
 
     source, kwargs = checkpoint(cfg)
+    if kwargs.get("gguf_file") and cache_dir is not None and (plain_copy(cfg, cache_dir) / "config.json").is_file():
+        source, kwargs = str(plain_copy(cfg, cache_dir)), {}
     with hub_only_hint(cfg, source):
         hf_cfg = AutoConfig.from_pretrained(source, **kwargs)
     if num_labels is not None:
