@@ -33,9 +33,10 @@ from speft.report.collect import ReportError
 from speft.report.tables import paired_csv, paired_latex, paired_markdown, to_csv, to_latex, to_markdown
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import grid  # noqa: E402
 import verdicts  # noqa: E402
 
-SEEDS = 3  # seeds per cell (grid.py's default SEEDS=1,2,3)
+SEEDS = len(grid.SEEDS.split(","))  # seeds per cell: the grid's default
 
 
 def missing_seeds(a: pd.DataFrame, tasks: list[str]) -> str | None:
