@@ -3,6 +3,8 @@ or real-gradient masks, and reports the sparse backward's structured fraction.""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import pytest
@@ -18,6 +20,16 @@ TINY_SHAPES = [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64
 
 def lora_count(r: int) -> int:
     return r * 2 * sum(o + i for o, i in TINY_SHAPES)
+
+
+@pytest.fixture(scope="module")
+def default_bench(tmp_path_factory):
+    """One bench of every method (their worker processes take seconds each): its rows, its JSON lines on stdout
+    and its --table file."""
+    table = tmp_path_factory.mktemp("bench") / "table.md"
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        rows = main([*TINY, "--rank", "2", "--table", str(table)])
+    return rows, out.getvalue(), table.read_text(encoding="utf-8")
 
 
 @pytest.fixture
@@ -40,10 +52,9 @@ def test_configurations_measure_full_and_frozen_once_and_each_rank_and_mask():
     assert configurations(args) == [("frozen", 4, None), ("sparse", 4, "random")]
 
 
-def test_bench_reports_every_method_with_matched_counts_and_ratios(capsys):
-    rows = main([*TINY, "--rank", "2"])
-    out = capsys.readouterr().out.strip().splitlines()
-    assert [json.loads(line) for line in out] == rows  # one JSON line per configuration, as returned
+def test_bench_reports_every_method_with_matched_counts_and_ratios(default_bench):
+    rows, stdout, _ = default_bench
+    assert [json.loads(line) for line in stdout.strip().splitlines()] == rows  # one JSON line per configuration
     key = [(r["method"], r.get("rank"), r.get("mask")) for r in rows]
     assert key == [("full", None, None), ("frozen", None, None), ("lora", 2, None), ("sparse", 2, "random")]
     assert not any("error" in r for r in rows)
@@ -157,7 +168,7 @@ def test_masks_file_caches_grad_masks_for_the_same_key_only(data_dir, tmp_path, 
     assert calls == [[2, 3], [3], [4]]
 
 
-def test_table_has_one_line_per_row_with_its_ratios_and_errors(tmp_path):
+def test_table_has_one_line_per_row_with_its_ratios_and_errors(default_bench):
     from speft.tools.bench import markdown_table
 
     rows = [{"method": "frozen", "step_s": 2.0, "peak_memory_mb": 100.0, "step_vs_frozen": 1.0, "shape": "tiny",
@@ -173,9 +184,8 @@ def test_table_has_one_line_per_row_with_its_ratios_and_errors(tmp_path):
     assert lines[4:] == ["| frozen |  |  | 2.0 |  | 1.0 |  | 100.0 |  |  |  |",
                          "| sparse | 4 | grad | 2.2 | 0.9 | 1.1 | 0.3 | 90.0 | 0.8 | 0.15 | dense 1, row_bands 2 |",
                          "| lora | 4 |  | error: ['boom'] |  |  |  |  |  |  |  |"]  # a full-width row
-    out = tmp_path / "t.md"
-    rows = main([*TINY, "--rank", "2", "--methods", "frozen,sparse", "--table", str(out)])
-    assert out.read_text(encoding="utf-8") == markdown_table(rows)
+    rows, _, written = default_bench  # --table writes the bench's own rows
+    assert written == markdown_table(rows) and len(written.strip().splitlines()) == 4 + len(rows)
 
 
 def test_peak_memory_is_the_workers_own_not_its_parents():

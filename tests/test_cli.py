@@ -10,12 +10,12 @@ import sys
 
 from hydra.core.global_hydra import GlobalHydra
 
-from .conftest import ROOT
+from .conftest import FEW_EVAL, ROOT
 
 
 def test_multirun_with_the_parallel_launcher_writes_one_result_per_job(tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled", "SPEFT_CACHE_DIR": str(tmp_path / "cache")}
-    cmd = [sys.executable, "run.py", "-m", "debug=fast", "logger=none", "density=lora:4,lora:8",
+    cmd = [sys.executable, "run.py", "-m", "debug=fast", "logger=none", FEW_EVAL, "density=lora:4,lora:8",
            "hydra/launcher=parallel", f"hydra.sweep.dir={tmp_path}/sweep"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -30,7 +30,7 @@ def test_multirun_with_the_parallel_launcher_writes_one_result_per_job(tmp_path)
 
 def test_a_job_refused_by_preflight_records_a_failed_result_and_the_sweep_goes_on(tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled", "SPEFT_CACHE_DIR": str(tmp_path / "cache")}
-    cmd = [sys.executable, "run.py", "-m", "debug=fast", "logger=none", "method=lora", "mask=reselect,static",
+    cmd = [sys.executable, "run.py", "-m", "debug=fast", "logger=none", FEW_EVAL, "method=lora", "mask=reselect,static",
            "method.save_adapter=false", f"hydra.sweep.dir={tmp_path}/sweep"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "method=lora has none" in proc.stderr

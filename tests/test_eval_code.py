@@ -24,7 +24,7 @@ from speft.tasks.base import DataError
 from speft.tasks.code import Code, CodeConfig
 
 from .conftest import ROOT, compose_cfg
-from .test_eval_lm_eval_reference import digest, model_and_tokenizer
+from .test_eval_lm_eval_reference import digest, model_and_tokenizer, tokenizer
 from .test_lm_tasks import FAST, tiny_lm  # noqa: F401 - the tiny Llama fixture
 
 REF = ROOT / "tests" / "data" / "lm_eval"
@@ -60,7 +60,7 @@ def items(name: str, benchmark: str) -> list[tuple[code.Problem, dict]]:
 @pytest.mark.parametrize("benchmark", code.BENCHMARKS)
 @pytest.mark.parametrize("name", ["tiny_bos_llama", "smollm2_135m"])
 def test_prompts_stop_strings_and_token_ids_equal_the_harness(name, benchmark):
-    _, tok = model_and_tokenizer(name)
+    tok = tokenizer(name)
     stop = code.HUMANEVAL_STOP if benchmark == "humaneval" else code.MBPP_STOP
     for ours, ref in items(name, benchmark):
         assert ours.prompt == ref["prompt"]

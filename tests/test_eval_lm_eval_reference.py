@@ -66,6 +66,16 @@ def model_and_tokenizer(name: str):
     return load_model(cfg, "causal_lm", None).eval(), load_tokenizer(cfg)
 
 
+@functools.cache
+def tokenizer(name: str):
+    """The model's tokenizer; SmolLM2's alone (no model weights de-quantised for a check of token ids)."""
+    if name != "smollm2_135m":
+        return model_and_tokenizer(name)[1]
+    from speft.models.loading import load_tokenizer
+
+    return load_tokenizer(compose_cfg("model=smollm2_135m").model)
+
+
 def test_the_tiny_tokenizer_adds_its_bos_and_the_harness_kept_one():
     ref = reference("tiny_bos_llama")
     _, tok = model_and_tokenizer("tiny_bos_llama")
@@ -83,12 +93,7 @@ def test_token_ids_equal_the_harness(name):
     """Prompts (``tok_encode``), request pairs (``_encode_pair``), empty contexts (prefix token), contexts
     that already start with the BOS text, and a generation batch (``tok_batch_encode``)."""
     ref = reference(name)
-    if name == "smollm2_135m":  # the tokenizer alone: no model weights needed
-        from speft.models.loading import load_tokenizer
-
-        tok = load_tokenizer(compose_cfg("model=smollm2_135m").model)
-    else:
-        _, tok = model_and_tokenizer(name)
+    tok = tokenizer(name)
     for item in ref["gsm8k"]:
         assert digest(encode(tok, item["prompt"])) == item["prompt_ids"]
         assert digest(encode_prompt(tok, item["prompt"])) == item["prompt_ids"]

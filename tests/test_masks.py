@@ -17,7 +17,7 @@ from speft.masks.reselect import ReselectMask, ReselectMaskConfig
 from speft.pipeline import run
 from speft.sparse.layer import inject
 
-from .conftest import compose_cfg
+from .conftest import FEW_EVAL, compose_cfg
 
 MASKS = registry.names("mask")
 
@@ -25,12 +25,14 @@ MASKS = registry.names("mask")
 @pytest.mark.parametrize("selection", ["global", "local"])
 @pytest.mark.parametrize("name", MASKS)
 def test_every_mask_runs_with_an_exact_budget(name, selection, tmp_path):
-    overrides = ["debug=fast", "logger=none", f"mask={name}", f"mask.selection={selection}"]
+    overrides = ["debug=fast", "logger=none", FEW_EVAL, f"mask={name}", f"mask.selection={selection}"]
     keys = {f.name for f in fields(registry.get("mask", name).schema)}
     if "update_every_steps" in keys:
         overrides.append("mask.update_every_steps=2")  # updates at steps 2 and 4 of debug=fast's 5
     if "end_fraction" in keys:
         overrides.append("mask.end_fraction=1.0")
+    if "num_score_examples" in keys:  # re-scoring on debug=fast's one scoring batch, not the mask's 128 or 1024
+        overrides.append("mask.num_score_examples=32")
     result = run(compose_cfg(*overrides), run_dir=tmp_path)
     data = json.loads((tmp_path / "results.json").read_text())
     k = data["budget"]["entries"]

@@ -14,7 +14,7 @@ from speft.models.loading import load_model
 from speft.pipeline import run
 from speft.registry import ConfigError
 
-from .conftest import compose_cfg
+from .conftest import FEW_EVAL, compose_cfg
 
 METHODS = registry.names("method")
 LORA_R8 = 8 * 768 * 24  # r·(in+out) for q, k, v, o of MiniLM's 6 layers
@@ -23,7 +23,7 @@ HEAD = 384 * 2 + 2
 
 @pytest.mark.parametrize("name", METHODS)
 def test_every_method_runs_and_trains_only_its_parameters(name, tmp_path):
-    result = run(compose_cfg("debug=fast", "logger=none", f"method={name}"), run_dir=tmp_path)
+    result = run(compose_cfg("debug=fast", "logger=none", FEW_EVAL, f"method={name}"), run_dir=tmp_path)
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["status"] == "completed" and "test/accuracy" in data["metrics"]
     assert data["trainable"]["head"] == HEAD
@@ -55,8 +55,8 @@ def test_every_method_runs_and_trains_only_its_parameters(name, tmp_path):
 
 @pytest.mark.parametrize("name", ["lora", "pissa"])
 def test_lora_rank_matches_the_sparse_budget(name, tmp_path):
-    run(compose_cfg("debug=fast", "logger=none", f"method={name}", "method.rank=8"), run_dir=tmp_path / "a")
-    run(compose_cfg("debug=fast", "logger=none", "method=sparse", "density=lora:8"), run_dir=tmp_path / "b")
+    run(compose_cfg("debug=fast", "logger=none", FEW_EVAL, f"method={name}", "method.rank=8"), run_dir=tmp_path / "a")
+    run(compose_cfg("debug=fast", "logger=none", FEW_EVAL, "method=sparse", "density=lora:8"), run_dir=tmp_path / "b")
     lora = json.loads((tmp_path / "a" / "results.json").read_text())
     sparse = json.loads((tmp_path / "b" / "results.json").read_text())
     assert lora["trainable"]["adapter"] == sparse["trainable"]["sparse"] == LORA_R8
@@ -109,7 +109,7 @@ def test_a_lora_density_sweep_trains_each_rank(tmp_path):
 
 
 def test_frozen_head_is_counted_out_and_left_at_its_initialisation(tmp_path):
-    result = run(compose_cfg("debug=fast", "logger=none", "method=lora", "method.train_head=false"),
+    result = run(compose_cfg("debug=fast", "logger=none", FEW_EVAL, "method=lora", "method.train_head=false"),
                  run_dir=tmp_path)
     assert result.results["trainable_params"] == LORA_R8 and result.results["trainable"]["head"] == 0
 

@@ -14,7 +14,7 @@ from speft.pipeline import run
 from speft.results import RESULTS_FILE
 from speft.salience.cache import read
 
-from .conftest import compose_cfg
+from .conftest import FEW_EVAL, compose_cfg
 
 ALIASES = registry.aliases("metric")
 OPTIONS = registry.names("metric") + sorted(ALIASES)  # canonical names first: their aliases then hit the cache
@@ -31,7 +31,8 @@ def cache_dir(tmp_path_factory):
 def test_metric_runs_end_to_end(option, cache_dir, tmp_path):
     canonical = ALIASES.get(option, option)
     before = set((cache_dir / "scores").glob("*.safetensors")) if (cache_dir / "scores").exists() else set()
-    run(compose_cfg("debug=fast", "logger=none", f"metric={option}", f"paths.cache_dir={cache_dir}"), run_dir=tmp_path)
+    run(compose_cfg("debug=fast", "logger=none", FEW_EVAL, "trainer.max_steps=2", f"metric={option}",
+                    f"paths.cache_dir={cache_dir}"), run_dir=tmp_path)
     data = json.loads((tmp_path / RESULTS_FILE).read_text())
     assert KEYS <= set(data) and data["status"] == "completed"
     assert data["config"]["metric"]["name"] == canonical

@@ -18,7 +18,7 @@ from speft.report.__main__ import main
 from speft.report.collect import ReportError, normalise
 from speft.report.efficiency import bench_table, load_bench, markdown, run_costs
 
-from .conftest import ROOT
+from .conftest import FEW_EVAL, ROOT
 
 FIXTURE = ROOT / "tests" / "data" / "results_small"
 BENCH = ROOT / "experiments" / "efficiency" / "bench_smollm2_cpu.jsonl"
@@ -287,7 +287,7 @@ def test_a_real_sweep_gives_four_cells_per_task(tmp_path):
     """python run.py -m ... metric=grad,snip mask=static,reselect: four completed runs, four cells."""
     env = {**os.environ, "WANDB_MODE": "disabled", "SPEFT_CACHE_DIR": str(tmp_path / "cache")}
     cmd = [sys.executable, "run.py", "-m", "debug=fast", "logger=none", "metric=grad,snip", "mask=static,reselect",
-           "method.save_adapter=false", "trainer.max_steps=2", "trainer.batch_size=8",  # seconds per run
+           "method.save_adapter=false", "trainer.max_steps=2", FEW_EVAL,  # seconds per run
            f"hydra.sweep.dir={tmp_path}/sweep"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

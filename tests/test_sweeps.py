@@ -16,12 +16,12 @@ from hydra.core.global_hydra import GlobalHydra
 from speft.pipeline import run
 from speft.registry import ConfigError
 
-from .conftest import CONF, ROOT, compose_cfg
+from .conftest import CONF, FEW_EVAL, ROOT, compose_cfg
 
 
 def sweep(tmp_path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled", "SPEFT_CACHE_DIR": str(tmp_path / "cache")}
-    cmd = [sys.executable, "run.py", "-m", "debug=fast", "logger=none", "method.save_adapter=false",
+    cmd = [sys.executable, "run.py", "-m", "debug=fast", "logger=none", "method.save_adapter=false", FEW_EVAL,
            f"hydra.sweep.dir={tmp_path}/sweep", *overrides]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 

@@ -34,7 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ["task=gsm8k", "model=smollm2_135m", "debug=fast", "logger=none", "method.save_adapter=false",
          "task.max_eval_examples=2", "task.max_new_tokens=16"]
-QUICK_TRAIN = ["debug=fast", "logger=none", "method.save_adapter=false", "trainer.max_steps=2"]
+QUICK_TRAIN = ["debug=fast", "logger=none", "method.save_adapter=false", "trainer.max_steps=2",
+               "task.max_eval_examples=16"]
 
 
 def env_record(device: str) -> dict:
