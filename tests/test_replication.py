@@ -177,6 +177,11 @@ def test_the_verdicts_follow_their_fixed_rules_on_made_up_runs(tmp_path, monkeyp
     import tables
 
     assert tables.missing_seeds(a, ["glue/sst2"]) is None
+    # Table B: 2 of SST-2's 10 cells (grad and fisher × 5 schedule/selection cells) hold runs, 6 seeds each
+    assert tables.missing_b(b, ["glue/sst2"]) == ("Table B holds 12 of 30 runs of the kept tasks (2 of 10 cells "
+                                                  "have all 3 seeds; claims 2 and 3 rest on it)")
+    assert tables.missing_b(b.iloc[:0], ["glue/sst2"]).startswith("Table B holds 0 of 30 runs")
+    assert tables.missing_b(b, ["glue/mrpc"]) is None  # no kept Table B task: nothing to wait for
     two = a[a["seed"].isin(sorted(a["seed"].unique())[:2])]
     why = tables.missing_seeds(two, ["glue/sst2"])
     assert why == "Table A holds 10 of 15 runs of the kept tasks (0 of 5 cells have all 3 seeds)"

@@ -53,6 +53,8 @@ TUNE_SEED = 1  # the tuning runs' seed (the held-out split is the same for every
 HELDOUT = 500  # training examples held out for tuning, disjoint from the 1,000-example training subset
 TASKS = "glue/sst2,glue/mrpc,glue/stsb,rotten_tomatoes"
 STAGES = ("tune", "a", "warmup", "b", "density", "lm")
+TASKS_B = "glue/sst2,glue/stsb"  # Table B's tasks (env TASKS_B replaces them), those that separate among them
+B_METRICS = ("grad", "fisher")  # the issue's grad and one other gradient metric
 # Table B: the paper's re-selection and drop-and-grow, each firing at least 3 times in 94 steps
 SCHEDULES = {"static": [], "dynamic": ["mask=dynamic", "mask.mode=paper", "mask.update_every_steps=20",
                                        "mask.num_score_examples=256"],
@@ -217,7 +219,7 @@ class Grid:
     def b(self) -> list[Run]:
         runs = []
         for task in self.kept(self.tasks_b, "b"):
-            for metric in ("grad", "fisher"):
+            for metric in B_METRICS:
                 for schedule, extra in SCHEDULES.items():
                     for selection in ("global", "local"):
                         if (schedule, selection) == ("static", "global"):
@@ -285,7 +287,7 @@ def main() -> None:
     out = Path(env("OUT") or HERE / "runs").resolve()
     tasks = (env("TASKS") or TASKS).split(",")
     grid = Grid(out, tasks, [int(s) for s in (env("SEEDS") or SEEDS).split(",")], env("DATA"),
-                (env("TASKS_B") or "glue/sst2,glue/stsb").split(","), env("DENSITY_TASK") or "glue/sst2")
+                (env("TASKS_B") or TASKS_B).split(","), env("DENSITY_TASK") or "glue/sst2")
     out.mkdir(parents=True, exist_ok=True)
     for name in stages:
         runs = grid.stage(name)
