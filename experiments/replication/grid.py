@@ -55,6 +55,7 @@ TASKS = "glue/sst2,glue/mrpc,glue/stsb,rotten_tomatoes"
 STAGES = ("tune", "a", "warmup", "b", "density", "lm")
 TASKS_B = "glue/sst2,glue/stsb"  # Table B's tasks (env TASKS_B replaces them), those that separate among them
 B_METRICS = ("grad", "fisher")  # the grad and one other gradient metric
+SELECTIONS = ("global", "local")  # Table B's top-k: over all targets, or per module
 # Table B: the paper's re-selection and drop-and-grow, each firing at least 3 times in 94 steps
 SCHEDULES = {"static": [], "dynamic": ["mask=dynamic", "mask.mode=paper", "mask.update_every_steps=20",
                                        "mask.num_score_examples=256"],
@@ -221,7 +222,7 @@ class Grid:
         for task in self.kept(self.tasks_b, "b"):
             for metric in B_METRICS:
                 for schedule, extra in SCHEDULES.items():
-                    for selection in ("global", "local"):
+                    for selection in SELECTIONS:
                         if (schedule, selection) == ("static", "global"):
                             continue  # Table A's cell
                         runs += self.cells("b", task, f"sparse-{metric}", f"{metric}-{schedule}-{selection}",

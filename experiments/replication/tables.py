@@ -42,27 +42,28 @@ SEEDS = len(grid.SEEDS.split(","))  # seeds per cell: the grid's default
 def missing_seeds(a: pd.DataFrame, tasks: list[str]) -> str | None:
     """Why Table A's verdicts are provisional: rows of the kept tasks with fewer than SEEDS seeds (None: none)."""
     kept = a[a["task.name"].isin(tasks)]
-    counts = kept.groupby(["task.name", "method.name", "metric.name"], dropna=False)["seed"].nunique()
     rows = kept[["method.name", "metric.name"]].drop_duplicates().shape[0] * len(tasks)
-    done = int((counts >= SEEDS).sum())
-    if done == rows:
-        return None
-    return (f"Table A holds {len(kept)} of {rows * SEEDS} runs of the kept tasks ({done} of {rows} cells have all "
-            f"{SEEDS} seeds)")
+    return incomplete("Table A", kept, ["task.name", "method.name", "metric.name"], rows)
 
 
 def missing_b(b: pd.DataFrame, tasks: list[str]) -> str | None:
     """Why claims 2 and 3 are provisional: Table B's cells on the kept tasks (the grid's default Table B tasks,
     metrics, schedules and selections, less Table A's static global cell) with fewer than SEEDS seeds."""
     tasks_b = [t for t in grid.TASKS_B.split(",") if t in tasks]
-    cells = len(tasks_b) * len(grid.B_METRICS) * (2 * len(grid.SCHEDULES) - 1)
+    cells = len(tasks_b) * len(grid.B_METRICS) * (len(grid.SCHEDULES) * len(grid.SELECTIONS) - 1)
     kept = b[b["task.name"].isin(tasks_b)] if len(b) else b
-    keys = ["task.name", "metric.name", "mask.name", "mask.selection"]
-    done = int((kept.groupby(keys)["seed"].nunique() >= SEEDS).sum()) if len(kept) else 0
+    return incomplete("Table B", kept, ["task.name", "metric.name", "mask.name", "mask.selection"], cells,
+                      "; claims 2 and 3 rest on it")
+
+
+def incomplete(table: str, runs: pd.DataFrame, keys: list[str], cells: int, note: str = "") -> str | None:
+    """What ``runs`` (one table's runs of the kept tasks, cells told apart by ``keys``) lack of ``cells`` cells
+    with SEEDS seeds each; None when nothing."""
+    done = int((runs.groupby(keys, dropna=False)["seed"].nunique() >= SEEDS).sum()) if len(runs) else 0
     if done >= cells:
         return None
-    return (f"Table B holds {len(kept)} of {cells * SEEDS} runs of the kept tasks ({done} of {cells} cells have all "
-            f"{SEEDS} seeds; claims 2 and 3 rest on it)")
+    return (f"{table} holds {len(runs)} of {cells * SEEDS} runs of the kept tasks ({done} of {cells} cells have all "
+            f"{SEEDS} seeds{note})")
 
 
 HERE = Path(__file__).resolve().parent
@@ -191,7 +192,7 @@ def main(argv: list[str]) -> None:
         why = [w for w in (missing_seeds(a, keep), missing_b(b, keep)) if w]
         verdicts.write(out, a, b if len(b) else None, keep, provisional="; ".join(why) or None)
     if len(b):
-        grad_fisher = a[(a["method.name"] == "sparse") & a["metric.name"].isin(["grad", "fisher"])]
+        grad_fisher = a[(a["method.name"] == "sparse") & a["metric.name"].isin(grid.B_METRICS)]
         both = pd.concat([b, grad_fisher[grad_fisher["task.name"].isin(b["task.name"].unique())]])
         parts["table_b"] = (pivot(both, rows=["metric.name", "mask.name", "mask.selection"], interval="ci95"),
                             "grad/static/global")

@@ -128,8 +128,9 @@ def build_meta_model(cfg: ModelConfig, head: str, num_labels: int | None, cache_
     from transformers import AutoConfig
 
     source, kwargs = checkpoint(cfg)
-    if kwargs.get("gguf_file") and cache_dir is not None and (plain_copy(cfg, cache_dir) / "config.json").is_file():
-        source, kwargs = str(plain_copy(cfg, cache_dir)), {}
+    copy = plain_copy(cfg, cache_dir) if kwargs.get("gguf_file") and cache_dir is not None else None
+    if copy is not None and (copy / "config.json").is_file():
+        source, kwargs = str(copy), {}
     with hub_only_hint(cfg, source):
         hf_cfg = AutoConfig.from_pretrained(source, **kwargs)
     if num_labels is not None:
