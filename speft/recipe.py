@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from speft import registry
 from speft.distributed import Dist, DistributedError, ShardCollate, mask_digest
+from speft.evaluation.gsm8k import write_jsonl
 from speft.masks.base import MaskRuntime
 from speft.methods.base import PrepareContext, count
 from speft.models.loading import find_targets, head_parameters, load_model, load_tokenizer, target_patterns
@@ -79,6 +80,7 @@ class Recipe:
         self.tokenizer = self.model = self.collate = self.scorer = self.prepared = None
         self.targets: dict[str, torch.nn.Linear] = {}
         self.eval_loaders: dict[str, DataLoader] = {}
+        self.eval_order: dict[str, list[int]] = {}  # per evaluation split: each batch position's row in the split
         self.periodic: list[str] = []  # the evaluation splits validated during training
         # set up by train(): the data order, the optimizer and schedule over `steps` optimizer steps
         self.loader = self.optimizer = self.scheduler = None
@@ -113,10 +115,13 @@ class Recipe:
             self.logger.log_table("mask", ["module", "selected", "total", "density"],
                                   [[n, m["selected"], m["total"], m["selected"] / m["total"]]
                                    for n, m in self.prepared.mask.items()])
-        # Evaluation order does not change a metric: sorting by length keeps padding to a minimum.
-        self.eval_loaders = {name: DataLoader(sorted(rows, key=lambda r: len(r["input_ids"])),
+        # Evaluation order does not change a metric: sorting by length keeps padding to a minimum. eval_order
+        # maps each position back to the split's file order (the predictions files are in file order).
+        self.eval_order = {name: sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+                           for name, rows in self.encoded.items() if name in self.task.eval_splits}
+        self.eval_loaders = {name: DataLoader([self.encoded[name][i] for i in order],
                                               batch_size=self.task.cfg.eval_batch_size, collate_fn=self.collate)
-                             for name, rows in self.encoded.items() if name in self.task.eval_splits}
+                             for name, order in self.eval_order.items()}
         self.periodic = [s for s in self.eval_names() if s != "test"]  # validated during training; test at the end
 
     def load_data_and_model(self) -> None:
@@ -378,6 +383,9 @@ class Recipe:
             else:
                 logits, labels = predict(self.model, self.eval_loaders[split], self.device)
                 metrics = self.task.compute_metrics(logits, labels)
+                # the latest evaluation's, per example: paired comparisons between runs (same split, same order)
+                write_jsonl(self.run_dir / f"predictions_{split}.jsonl",
+                            self.task.prediction_records(logits, labels, self.eval_order[split]))
             return {f"{split}/{k}": v for k, v in metrics.items()}
 
     # ------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ import json
 import pytest
 import torch
 
+from speft import registry
+from speft.config import validate
 from speft.models.loading import load_model
 from speft.pipeline import run
 from speft.results import RESULTS_FILE
@@ -71,6 +73,19 @@ def test_frozen_weights_outside_the_mask_are_bit_identical(fast_run):
         else:
             assert torch.equal(tensor, fresh[plain]), name
     assert changed_inside > 0  # training moved the selected entries
+
+
+def test_predictions_files_pair_examples_in_file_order(fast_run):
+    """Evaluation runs sorted by length; the predictions files map back to each split's file order."""
+    out, result = fast_run
+    spec = validate(compose_cfg("debug=fast", "logger=none"))
+    splits = registry.get("task", spec.task.name).obj(spec.task, spec.paths.resolve("data_dir")).splits()
+    for split in ("validation", "test"):
+        rows = [json.loads(line) for line in (out / f"predictions_{split}.jsonl").read_text().splitlines()]
+        assert [r["index"] for r in rows] == list(range(len(splits[split])))
+        assert [r["label"] for r in rows] == [r["label"] for r in splits[split]]
+        accuracy = sum(r["prediction"] == r["label"] for r in rows) / len(rows)
+        assert accuracy == pytest.approx(result.results["metrics"][f"{split}/accuracy"])
 
 
 def test_a_failing_run_is_recorded_as_failed(tmp_path, monkeypatch):

@@ -124,8 +124,19 @@ class ClassificationTask:
 
         return DataCollatorWithPadding(tokenizer, return_tensors="pt")
 
+    def predictions(self, logits: torch.Tensor) -> torch.Tensor:
+        """One prediction per example: the class id with the largest logit."""
+        return logits.argmax(-1)
+
     def compute_metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        return {"accuracy": accuracy(logits.argmax(-1), labels)}
+        return {"accuracy": accuracy(self.predictions(logits), labels)}
+
+    def prediction_records(self, logits: torch.Tensor, labels: torch.Tensor, index: list[int]) -> list[dict]:
+        """The predictions file's rows, in the split's file order: ``index`` gives each logit row's position in
+        the split (the evaluation batches run sorted by length). Two runs' files pair example by example."""
+        rows = [{"index": i, "label": y, "prediction": p}
+                for i, y, p in zip(index, labels.tolist(), self.predictions(logits).tolist(), strict=True)]
+        return sorted(rows, key=lambda r: r["index"])
 
 
 # ----------------------------------------------------------------------------------------------

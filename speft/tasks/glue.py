@@ -248,11 +248,12 @@ class GlueTask(ClassificationTask):
             out[split] = rows
         return out
 
+    def predictions(self, logits: torch.Tensor) -> torch.Tensor:
+        """The class id, or for a regression task (STS-B) the one output as the score."""
+        return logits.reshape(len(logits), -1)[:, 0] if self.regression else logits.argmax(-1)
+
     def compute_metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        if self.regression:
-            preds = logits.reshape(len(labels), -1)[:, 0]
-        else:
-            preds = logits.argmax(-1)
+        preds = self.predictions(logits)
         out = {name: METRICS[name](preds, labels) for name in self.layout.metrics}
         if len(out) > 1:
             out["combined_score"] = float(np.mean(list(out.values())))
