@@ -61,7 +61,7 @@ SCHEDULES = {"static": [], "dynamic": ["mask=dynamic", "mask.mode=paper", "mask.
                                        "mask.num_score_examples=256"],
              "regrow": ["mask=regrow", "mask.update_every_steps=20"]}
 # The causal-LM panel: 32 steps of 4 GSM8K-train problems (≤ 256 tokens), then the reference solutions'
-# token NLL on the first 64 test problems and zero-shot exact match on the first 8 (~10 minutes a run).
+# token NLL on the first 64 test problems and zero-shot exact match on the first 8 (~5 minutes a run here).
 LM = ["model=smollm2_135m", "task=gsm8k", "task.max_train_examples=256", "task.subset_seed=0",
       "task.max_length=256", "trainer.max_steps=32", "trainer.batch_size=4", "trainer.grad_accum_steps=1",
       "trainer.lr=1e-4", "task.evaluation=nll", "task.max_eval_examples=64", "task.generate_examples=8",

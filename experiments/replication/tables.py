@@ -12,7 +12,8 @@ Writes into OUT_DIR (Markdown, LaTeX and CSV each, through ``speft.report``):
   with each row's paired difference from ``sparse/grad`` (``table_a_paired.csv``);
 * ``table_b.*``: ``grad`` and ``fisher`` × mask schedule × selection (Table A's static global cells
   included), paired against ``grad/static/global``;
-* ``warmup.*``: scoring through the fresh head (Table A) vs after 20 head warm-up steps;
+* ``warmup.*``: scoring through the fresh head (Table A) vs after 20 head warm-up steps, paired against
+  ``sparse/grad/20`` (``warmup_paired.csv``: the claims' comparisons with a warmed-up head);
 * ``density.*``: ``grad``, ``random`` and LoRA at lora:1 to lora:32 on the density task;
 * ``lm.*``: the causal-LM panel, the reference solutions' token NLL (lower is better) and exact match;
 * ``verdicts.md``/``.json``: the study's four claims decided by the rules of ``verdicts.py``.
@@ -200,8 +201,10 @@ def main(argv: list[str]) -> None:
     if len(w):
         same = a[(a["method.name"] == "lora")
                  | ((a["method.name"] == "sparse") & a["metric.name"].isin(["grad", "magnitude", "random"]))]
-        parts["warmup"] = pivot(pd.concat([w, same[same["task.name"].isin(w["task.name"].unique())]]),
-                                rows=["method.name", "metric.name", "trainer.head_warmup_steps"], interval="ci95")
+        # paired against grad under the switch: claims 1 (random, magnitude) and 4 (LoRA) with a warmed-up head
+        parts["warmup"] = (pivot(pd.concat([w, same[same["task.name"].isin(w["task.name"].unique())]]),
+                                 rows=["method.name", "metric.name", "trainer.head_warmup_steps"], interval="ci95"),
+                           "sparse/grad/20")
     d = stage(df, "density")
     if len(d):
         task = d["task.name"].iloc[0]
