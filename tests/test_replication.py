@@ -191,3 +191,19 @@ def test_the_verdicts_follow_their_fixed_rules_on_made_up_runs(tmp_path, monkeyp
     text = (tmp_path / "verdicts.md").read_text()
     assert "**not reproduced**" in text and "**inconclusive at this scale**" in text
     assert json.loads((tmp_path / "verdicts.json").read_text())["claims"][0]["claim"] == 1
+
+
+def test_the_committed_tables_and_figures_are_what_tables_py_writes(tmp_path, monkeypatch):
+    """Every committed table regenerates byte for byte from the committed runs; every figure is drawn."""
+    monkeypatch.setattr(sys, "path", [str(ROOT / "experiments" / "replication"), *sys.path])
+    import tables
+
+    here = ROOT / "experiments" / "replication"
+    (tmp_path / "overlap_sst2.json").write_text((here / "overlap_sst2.json").read_text())
+    tables.main([str(here / "runs"), str(tmp_path)])
+    written = sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".md", ".csv", ".tex", ".json"))
+    assert {"table_a.md", "table_b.md", "verdicts.md", "density.md", "lm.md", "warmup.md"} <= set(written)
+    for name in written:
+        assert (tmp_path / name).read_text() == (here / name).read_text(), name
+    figures = {p.name for p in (tmp_path / "figures").iterdir()}
+    assert figures == {f"{n}.{ext}" for n in ("tuning", "table_b", "density", "overlap_sst2") for ext in ("png", "pdf")}

@@ -16,11 +16,15 @@ Writes into OUT_DIR (Markdown, LaTeX and CSV each, through ``speft.report``):
   ``sparse/grad/20`` (``warmup_paired.csv``: the claims' comparisons with a warmed-up head);
 * ``density.*``: ``grad``, ``random`` and LoRA at lora:1 to lora:32 on the density task;
 * ``lm.*``: the causal-LM panel, the reference solutions' token NLL (lower is better) and exact match;
-* ``verdicts.md``/``.json``: the study's four claims decided by the rules of ``verdicts.py``.
+* ``verdicts.md``/``.json``: the study's four claims decided by the rules of ``verdicts.py``;
+* ``figures/``: PNG and PDF, as the notebook draws them: ``tuning`` (held-out score against the learning
+  rate), ``table_b`` (schedule × selection), ``density`` (score against the trainable fraction) and
+  ``overlap_sst2`` (the metrics' mask IoU, from ``overlap_sst2.json``).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -162,6 +166,49 @@ def separation(table_a, majority: dict[str, float], screened: dict | None = None
     return keep, "\n".join(lines) + "\n" + rule
 
 
+def panels(df: pd.DataFrame, a: pd.DataFrame, parts: dict, frames: dict) -> None:
+    """The warm-up, density and causal-LM tables into ``parts`` (name -> table or (table, paired reference));
+    the density runs, with Table A's cells of the same methods, into ``frames`` (its figure)."""
+    w = stage(df, "warmup")
+    if len(w):
+        same = a[(a["method.name"] == "lora")
+                 | ((a["method.name"] == "sparse") & a["metric.name"].isin(["grad", "magnitude", "random"]))]
+        # paired against grad under the switch: claims 1 (random, magnitude) and 4 (LoRA) with a warmed-up head
+        parts["warmup"] = (pivot(pd.concat([w, same[same["task.name"].isin(w["task.name"].unique())]]),
+                                 rows=["method.name", "metric.name", "trainer.head_warmup_steps"], interval="ci95"),
+                           "sparse/grad/20")
+    d = stage(df, "density")
+    if len(d):
+        task = d["task.name"].iloc[0]
+        sparse = (a["method.name"] == "sparse") & a["metric.name"].isin(["grad", "random"])
+        base = a[(a["task.name"] == task) & ((a["method.name"] == "lora") | sparse)]
+        frames["density"] = pd.concat([d, base])
+        parts["density"] = pivot(frames["density"], rows=["method.name", "metric.name"], cols=["budget"],
+                                 interval="ci95", average=False)
+    lm = stage(df, "lm")
+    if len(lm):
+        parts["lm"] = (pivot(lm, interval="ci95", scale=1, digits=4, average=False), "sparse/grad")
+        parts["lm_exact_match"] = pivot(lm, interval="ci95", metric="test/flexible_extract", average=False)
+
+
+def draw(out: Path, frames: dict[str, pd.DataFrame]) -> None:
+    """``out/figures/<name>.png`` and ``.pdf`` through speft.report.figures, as the notebook draws them: the
+    tuning curves, Table B's schedule × selection bars, the density curve and the metrics' mask overlap."""
+    import matplotlib.pyplot as plt
+
+    from speft.report import figures
+
+    draws = {"tuning": figures.lr_sweep, "table_b": functools.partial(figures.mask_bars, average_metrics=False),
+             "density": figures.density_sweep}
+    made = [(name, draws[name](frame)) for name, frame in frames.items()]
+    if (out / "overlap_sst2.json").exists():
+        made.append(("overlap_sst2", figures.overlap_heatmap(out / "overlap_sst2.json", key="iou")))
+    for name, fig in made:
+        figures.save(fig, out / "figures" / name)
+        plt.close(fig)
+    print(f"wrote {out / 'figures'}/{{{','.join(n for n, _ in made)}}}.{{png,pdf}}", file=sys.stderr)
+
+
 def main(argv: list[str]) -> None:
     runs = Path(argv[0]) if argv else HERE / "runs"
     out = Path(argv[1]) if len(argv) > 1 else HERE
@@ -170,9 +217,10 @@ def main(argv: list[str]) -> None:
     if (runs / "lr.json").exists():
         (out / "lr.md").write_text("Chosen learning rates (held-out main metric, `tune` stage):\n\n```json\n"
                                    + (runs / "lr.json").read_text() + "```\n")
-    parts = {}
+    parts, frames = {}, {}  # tables; the frames their figures draw
     tune = stage(df, "tune")
     if len(tune):
+        frames["tuning"] = tune
         parts["tuning"] = pivot(tune, rows=["method.name", "metric.name", "trainer.lr"], interval="ci95")
     a = stage(df, "a")
     keep: list[str] = []
@@ -195,30 +243,14 @@ def main(argv: list[str]) -> None:
     if len(b):
         grad_fisher = a[(a["method.name"] == "sparse") & a["metric.name"].isin(grid.B_METRICS)]
         both = pd.concat([b, grad_fisher[grad_fisher["task.name"].isin(b["task.name"].unique())]])
+        frames["table_b"] = both
         parts["table_b"] = (pivot(both, rows=["metric.name", "mask.name", "mask.selection"], interval="ci95"),
                             "grad/static/global")
-    w = stage(df, "warmup")
-    if len(w):
-        same = a[(a["method.name"] == "lora")
-                 | ((a["method.name"] == "sparse") & a["metric.name"].isin(["grad", "magnitude", "random"]))]
-        # paired against grad under the switch: claims 1 (random, magnitude) and 4 (LoRA) with a warmed-up head
-        parts["warmup"] = (pivot(pd.concat([w, same[same["task.name"].isin(w["task.name"].unique())]]),
-                                 rows=["method.name", "metric.name", "trainer.head_warmup_steps"], interval="ci95"),
-                           "sparse/grad/20")
-    d = stage(df, "density")
-    if len(d):
-        task = d["task.name"].iloc[0]
-        sparse = (a["method.name"] == "sparse") & a["metric.name"].isin(["grad", "random"])
-        base = a[(a["task.name"] == task) & ((a["method.name"] == "lora") | sparse)]
-        parts["density"] = pivot(pd.concat([d, base]), rows=["method.name", "metric.name"], cols=["budget"],
-                                 interval="ci95", average=False)
-    lm = stage(df, "lm")
-    if len(lm):
-        parts["lm"] = (pivot(lm, interval="ci95", scale=1, digits=4, average=False), "sparse/grad")
-        parts["lm_exact_match"] = pivot(lm, interval="ci95", metric="test/flexible_extract", average=False)
+    panels(df, a, parts, frames)
     for name, part in parts.items():
         table, reference = part if isinstance(part, tuple) else (part, None)
         write(out, name, table, reference)
+    draw(out, frames)
     summary = {"runs": int(len(df)), "completed": int((df["status"] == "completed").sum()),
                "by_stage": {s: int(len(stage(df, s))) for s in ("tune", "a", "warmup", "b", "density", "lm")},
                "separating_tasks": keep,
