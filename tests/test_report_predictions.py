@@ -63,8 +63,10 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="did not evaluate the same examples"):
         paired(read_predictions(run, "validation"), other)
     (run / "predictions_bad.jsonl").write_text('{"index": 0, "label": 1}\n')
-    with pytest.raises(ValueError, match=r"predictions_bad.jsonl:1: .* lacks prediction"):
+    with pytest.raises(ValueError, match=r"predictions_bad.jsonl:1: not a predictions row: it lacks prediction"):
         read_predictions(run, "bad")
+    with pytest.raises(FileNotFoundError, match=r"/nowhere: no such run folder"):
+        read_predictions(tmp_path / "nowhere", "validation")
 
 
 def test_cli_prints_one_row_per_pair(tmp_path, capsys):

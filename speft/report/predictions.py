@@ -30,10 +30,12 @@ from speft.report.tables import markdown_table
 def read_predictions(run: Path, split: str) -> list[dict]:
     """The rows of ``RUN/predictions_<split>.jsonl`` (a run folder or the file itself), checked for the fields."""
     path = Path(run)
-    if path.is_dir():
+    if path.suffix != ".jsonl":  # a run folder
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: no such run folder")
         path = path / f"predictions_{split}.jsonl"
     if not path.is_file():
-        written = sorted(p.name for p in path.parent.glob("predictions_*.jsonl")) if path.parent.is_dir() else []
+        written = sorted(p.name for p in path.parent.glob("predictions_*.jsonl"))
         raise FileNotFoundError(f"{path}: no predictions file (the run folder has: {', '.join(written) or 'none'}; "
                                 f"runs before predictions were written have none: re-run to get one)")
     rows = []
@@ -42,7 +44,7 @@ def read_predictions(run: Path, split: str) -> list[dict]:
             row = json.loads(line)
             missing = [k for k in ("index", "label", "prediction") if k not in row]
             if missing:
-                raise ValueError(f"{path}:{n}: not a classification predictions row: it lacks {', '.join(missing)}")
+                raise ValueError(f"{path}:{n}: not a predictions row: it lacks {', '.join(missing)}")
             rows.append(row)
     return rows
 
