@@ -77,3 +77,14 @@ def test_cli_prints_one_row_per_pair(tmp_path, capsys):
     assert lines[2].split("|")[3:8] == [" 8 ", " 6 ", " 5 ", " 5 ", " 3 "]
     with pytest.raises(SystemExit):
         main(runs[:1])
+
+
+def test_regression_records_carry_the_score():
+    """STS-B: the model's one output is the prediction (a float), as its Pearson and Spearman see it."""
+    from speft import registry
+    from speft.tasks.glue import GlueConfig
+
+    task = registry.get("task", "glue/stsb").obj(GlueConfig(name="glue/stsb"), None)
+    rows = task.prediction_records(torch.tensor([[3.5], [0.25]]), torch.tensor([4.0, 1.0]), index=[1, 0])
+    assert rows == [{"index": 0, "label": 1.0, "prediction": 0.25}, {"index": 1, "label": 4.0, "prediction": 3.5}]
+    assert paired(rows, [{**r, "prediction": r["prediction"] + 1} for r in rows])["mean_abs_difference"] == 1.0
