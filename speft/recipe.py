@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 
 from speft import registry
 from speft.distributed import Dist, DistributedError, ShardCollate, mask_digest
-from speft.evaluation.gsm8k import write_jsonl
 from speft.masks.base import MaskRuntime
 from speft.methods.base import PrepareContext, count
 from speft.models.loading import find_targets, head_parameters, load_model, load_tokenizer, target_patterns
@@ -43,7 +42,7 @@ from speft.train.loop import (
     total_steps,
     use_fused,
 )
-from speft.utils import timed
+from speft.utils import timed, write_jsonl
 
 if TYPE_CHECKING:
     from speft.pipeline import Plan

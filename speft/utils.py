@@ -1,5 +1,5 @@
 """Small helpers the library's layers share without reaching up to the run's record (``speft.results``):
-timing a block, writing a file atomically, and the one peak-memory probe (a process's peak,
+timing a block, writing a file atomically or as JSON lines, and the one peak-memory probe (a process's peak,
 :func:`process_peak_mb`; a block's, :class:`PeakMemory`).
 
 Memory on CUDA is ``torch.cuda.max_memory_allocated`` (tensors only, not the allocator's cache). On the CPU a
@@ -11,13 +11,14 @@ torch is imported only when CUDA is asked about: the report reads results withou
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -46,6 +47,15 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
 
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
+    """One JSON object per line (predictions files, per-problem records); parent folders created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process in MiB: Linux's ``VmHWM`` (the high-water mark of this program's

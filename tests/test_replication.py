@@ -199,6 +199,7 @@ def test_the_committed_tables_and_figures_are_what_tables_py_writes(tmp_path, mo
     import tables
 
     here = ROOT / "experiments" / "replication"
+    # run.sh writes this one (python -m speft.report.overlap); tables.py draws its figure from it
     (tmp_path / "overlap_sst2.json").write_text((here / "overlap_sst2.json").read_text())
     tables.main([str(here / "runs"), str(tmp_path)])
     written = sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".md", ".csv", ".tex", ".json"))

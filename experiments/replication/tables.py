@@ -166,23 +166,25 @@ def separation(table_a, majority: dict[str, float], screened: dict | None = None
     return keep, "\n".join(lines) + "\n" + rule
 
 
+def table_a_cells(a: pd.DataFrame, metrics: list[str], tasks) -> pd.DataFrame:
+    """Table A's runs of LoRA and of sparse ``metrics`` on ``tasks``: a panel's cells at its own setting."""
+    sparse = (a["method.name"] == "sparse") & a["metric.name"].isin(metrics)
+    return a[a["task.name"].isin(tasks) & ((a["method.name"] == "lora") | sparse)]
+
+
 def panels(df: pd.DataFrame, a: pd.DataFrame, parts: dict, frames: dict) -> None:
     """The warm-up, density and causal-LM tables into ``parts`` (name -> table or (table, paired reference));
     the density runs, with Table A's cells of the same methods, into ``frames`` (its figure)."""
     w = stage(df, "warmup")
     if len(w):
-        same = a[(a["method.name"] == "lora")
-                 | ((a["method.name"] == "sparse") & a["metric.name"].isin(["grad", "magnitude", "random"]))]
+        same = table_a_cells(a, ["grad", "magnitude", "random"], w["task.name"].unique())
         # paired against grad under the switch: claims 1 (random, magnitude) and 4 (LoRA) with a warmed-up head
-        parts["warmup"] = (pivot(pd.concat([w, same[same["task.name"].isin(w["task.name"].unique())]]),
+        parts["warmup"] = (pivot(pd.concat([w, same]),
                                  rows=["method.name", "metric.name", "trainer.head_warmup_steps"], interval="ci95"),
                            "sparse/grad/20")
     d = stage(df, "density")
     if len(d):
-        task = d["task.name"].iloc[0]
-        sparse = (a["method.name"] == "sparse") & a["metric.name"].isin(["grad", "random"])
-        base = a[(a["task.name"] == task) & ((a["method.name"] == "lora") | sparse)]
-        frames["density"] = pd.concat([d, base])
+        frames["density"] = pd.concat([d, table_a_cells(a, ["grad", "random"], [d["task.name"].iloc[0]])])
         parts["density"] = pivot(frames["density"], rows=["method.name", "metric.name"], cols=["budget"],
                                  interval="ci95", average=False)
     lm = stage(df, "lm")

@@ -114,7 +114,7 @@ def evaluate(model, tokenizer, problems: Sequence[Problem], *, stop: Sequence[st
              workers: int = 2, predictions_path: str | Path | None = None) -> dict:
     """Greedy completions of ``problems``, each executed in the sandbox: pass@1 and throughput."""
     from speft.evaluation.generation import generate_until
-    from speft.evaluation.gsm8k import write_jsonl
+    from speft.utils import write_jsonl
 
     t0 = time.perf_counter()
     completions = generate_until(model, tokenizer, [p.prompt for p in problems], stop=stop,

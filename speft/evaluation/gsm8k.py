@@ -30,7 +30,6 @@ Followed from EleutherAI/lm-evaluation-harness:
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
@@ -41,6 +40,7 @@ from pathlib import Path
 from torch import nn
 
 from speft.evaluation.generation import generate_until
+from speft.utils import write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -153,10 +153,3 @@ def evaluate(model: nn.Module, tokenizer, problems: Sequence[dict],
              result["flexible_extract"], n, result["problems_per_s"])
     return result
 
-
-def write_jsonl(path: str | Path, records: Sequence[dict]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")

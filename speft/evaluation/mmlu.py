@@ -47,7 +47,7 @@ from speft.evaluation.generation import (
     pair_row,
     score_positions,
 )
-from speft.evaluation.gsm8k import write_jsonl
+from speft.utils import write_jsonl
 
 log = logging.getLogger(__name__)
 

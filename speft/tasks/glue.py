@@ -250,7 +250,7 @@ class GlueTask(ClassificationTask):
 
     def predictions(self, logits: torch.Tensor) -> torch.Tensor:
         """The class id, or for a regression task (STS-B) the one output as the score."""
-        return logits.reshape(len(logits), -1)[:, 0] if self.regression else logits.argmax(-1)
+        return logits.reshape(len(logits), -1)[:, 0] if self.regression else super().predictions(logits)
 
     def compute_metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         preds = self.predictions(logits)

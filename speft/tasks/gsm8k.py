@@ -103,8 +103,8 @@ class Gsm8k(CausalLMTask):
 
         from torch.utils.data import DataLoader
 
-        from speft.evaluation.gsm8k import write_jsonl
         from speft.evaluation.nll import IGNORE, mean_token_nll, response_nll
+        from speft.utils import write_jsonl
 
         pairs = self.token_pairs(tokenizer, [{"prompt": r["question"], "response": r["answer"]} for r in rows])
         examples = [{"input_ids": p + r, "attention_mask": [1] * (len(p) + len(r)), "labels": [IGNORE] * len(p) + r}
